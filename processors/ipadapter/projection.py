@@ -126,7 +126,8 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 def _resampler_config(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     _, num_queries, dim = _shape(sd, "latents")
-    depth = len({m.group(1) for k in sd if (m := re.match(r"layers\.(\d+)\.0\.to_q\.weight$", k))})
+    # Depth from every layer index, so a layer missing one tensor is reported as a missing key.
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))), default=-1)
     inner = _shape(sd, "layers.0.0.to_q.weight")[0]
     ff_inner = _shape(sd, "layers.0.1.1.weight")[0]
     if inner % RESAMPLER_DIM_HEAD or ff_inner % dim:

@@ -1,0 +1,43 @@
+"""The V3 extension: registers the ipadapter folder, the server route and the four nodes."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import routes
+from .folders import register_ipadapter_folder
+from .load import LoadXformersIPAdapter
+from .select_op import SelectXformersAttentionOp
+
+logger = logging.getLogger(__name__)
+
+
+_route_registered = False
+
+
+def _register_route() -> None:
+    global _route_registered
+    try:
+        from server import PromptServer
+    except ImportError:  # imported without the server (tests, scripts)
+        return
+    if not _route_registered and getattr(PromptServer, "instance", None) is not None:
+        routes.register(PromptServer.instance)
+        _route_registered = True
+
+
+def setup() -> None:
+    """Idempotent: ComfyUI 0.3.x never calls on_load, newer hosts may; get_node_list calls this too."""
+    register_ipadapter_folder()
+    _register_route()
+
+
+class XformersIPAdapterExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        setup()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        setup()
+        return [LoadXformersIPAdapter, SelectXformersAttentionOp]

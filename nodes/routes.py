@@ -1,0 +1,36 @@
+"""GET /xformers_ipadapter/ops: which attention operators can run here, and why the others cannot.
+
+Read-only and cheap: computed once per process; `?refresh=1` computes it again (e.g. after a driver change).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ..processors import backends
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "/xformers_ipadapter/ops"
+_cached: dict | None = None
+
+
+def ops_report(refresh: bool = False) -> dict:
+    global _cached
+    if _cached is None or refresh:
+        import comfy.model_management
+
+        _cached = backends.operator_report(comfy.model_management.get_torch_device())
+    return _cached
+
+
+async def get_ops(request: web.Request) -> web.Response:
+    refresh = request.query.get("refresh", "") not in ("", "0", "false")
+    return web.json_response(ops_report(refresh))
+
+
+def register(server) -> None:
+    """Add the route to ComfyUI's PromptServer (its routes are mounted at / and /api)."""
+    server.routes.get(ROUTE)(get_ops)

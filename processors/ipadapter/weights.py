@@ -136,7 +136,7 @@ def ipadapter_from_state_dict(sd: Mapping[str, Any], name: str = "IP-Adapter") -
                                to_v_ip=_site_linears(nested["ip_adapter"], "v"), name=name)
     except IPAdapterFileError as exc:
         raise IPAdapterFileError(f"{name}: {exc}") from exc
-    logger.info("loaded %s", model.describe())
+    logger.debug("built %s", model.describe())
     return model
 
 

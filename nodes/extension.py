@@ -8,7 +8,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import routes
 from .folders import register_ipadapter_folder
+from .apply import ApplyXformersIPAdapterAttention
 from .load import LoadXformersIPAdapter
+from .patch_model import PatchXformersModelAttention
 from .select_op import SelectXformersAttentionOp
 
 logger = logging.getLogger(__name__)
@@ -40,4 +42,5 @@ class XformersIPAdapterExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         setup()
-        return [LoadXformersIPAdapter, SelectXformersAttentionOp]
+        return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
+                PatchXformersModelAttention]

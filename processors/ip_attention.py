@@ -105,15 +105,19 @@ class XFormersIPAdapterAttnProcessor:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                  branches: Sequence[IPBranch] = (), *, text_bias: Optional[torch.Tensor] = None,
-                 precision: Optional[torch.dtype] = None) -> torch.Tensor:
+                 precision: Optional[torch.dtype] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`base`: the `[B, Mq, H*D]` output of another attention (e.g. a replace patch installed by another
+        pack) to add the adapters to; the text attention is then not computed here."""
         batch, q_len, inner = q.shape
         out_dtype = q.dtype
         compute = torch.float32 if precision == torch.float32 and q.dtype != torch.float32 else q.dtype
         active = [b for b in branches if not b.is_zero]
         q4 = _heads_view(q.to(compute), batch, heads)
-        keys = [_heads_view(k.to(compute), batch, heads)]
-        values = [_heads_view(v.to(compute), batch, heads)]
-        biases: list[Optional[torch.Tensor]] = [text_bias]
+        keys, values, biases = [], [], []
+        if base is None:
+            keys.append(_heads_view(k.to(compute), batch, heads))
+            values.append(_heads_view(v.to(compute), batch, heads))
+            biases.append(text_bias)
         in_softmax = self.config.mask_mode == "attention bias"
         for branch in active:
             bk = _heads_view(branch.k.to(compute), batch, heads)
@@ -125,9 +129,13 @@ class XFormersIPAdapterAttnProcessor:
             keys.append(bk)
             values.append(bv)
             biases.append(bias)
-        outs = self._attend(q4, keys, values, biases)
-        result = outs[0] if outs[0].is_contiguous() else outs[0].contiguous()
-        for out, branch in zip(outs[1:], active):
+        outs = self._attend(q4, keys, values, biases) if keys else []
+        if base is None:
+            result, outs = outs[0], outs[1:]
+            result = result if result.is_contiguous() else result.contiguous()
+        else:
+            result = base.to(compute).reshape(batch, q_len, heads, -1).clone()
+        for out, branch in zip(outs, active):
             factor = _row_factor(branch.scale, None if in_softmax else branch.mask, out)
             if factor is None:
                 result.add_(out, alpha=float(branch.scale))

@@ -52,7 +52,7 @@ def pack(comfy):
 def tiny_models(comfy) -> _tiny.TinyModels:
     """Tiny random-weight models in ComfyUI's folder layout (generated once, cached in .cache/models)."""
     root = os.environ.get("XIPA_MODELS_DIR") or None
-    models = _tiny.generate(root, clip_vision=os.environ.get("XIPA_CLIP_VISION", "vit-h"))
+    models = _tiny.generate(root, clip_vision=os.environ.get("XIPA_CLIP_VISION", "vit-l"))
     if models.timings:
         log.info("tiny models generated: %s", models.timings)
     return models

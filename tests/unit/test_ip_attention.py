@@ -147,3 +147,15 @@ def test_keys_from_several_images_fold_into_the_query_batch():
     torch.testing.assert_close(folded, explicit)
     with pytest.raises(ValueError, match="not 1 or a multiple of the query batch"):
         XFormersIPAdapterAttnProcessor()(q, k, v, HEADS, [IPBranch(ki[:3], vi[:3])])
+
+
+def test_base_output_replaces_the_text_attention():
+    """A foreign attention's output is kept as is and the adapters are added to it."""
+    q, k, v, branches = cast(*case(), torch.float32)
+    processor = XFormersIPAdapterAttnProcessor()
+    base = torch.randn_like(q)
+    with_base = processor(q, k, v, HEADS, branches, base=base)
+    ours = processor(q, k, v, HEADS, branches)
+    text_only = processor(q, k, v, HEADS, [])
+    torch.testing.assert_close(with_base - base, ours - text_only, rtol=0, atol=1e-5)
+    assert torch.equal(processor(q, k, v, HEADS, [], base=base), base)

@@ -1,0 +1,199 @@
+"""The attn2 replace patch: immutable, composable, and cheap on the hot path.
+
+One `IPAdapterAttn2Patch` per attn2 site. It holds every adapter applied to the model so far (an
+`AdapterApplication` each, shared by all sites) and, if another pack had already installed a replace
+callable at that site, that callable, which it calls instead of the text attention and adds the adapters
+to. Applying another adapter builds new patch objects; registered ones are never mutated, so upstream
+models (cached by ComfyUI) keep their behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from comfy.ldm.modules.attention import get_attn_precision
+
+from ..processors.backends import AttentionOpConfig
+from ..processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
+from ..processors.ipadapter import AdapterKVCache
+from ..processors.masks import mask_to_tokens
+from .sites import Attn2Site
+
+logger = logging.getLogger(__name__)
+
+# transformer_options key through which PatchXformersModelAttention tells our patches its operator
+MODEL_OP_KEY = "xformers_ipadapter_attention_op"
+ALWAYS = (float("inf"), float("-inf"))
+
+
+@dataclass(eq=False)
+class AdapterApplication:
+    """One Apply node's adapter: image K/V per site, per-site weights, window, mask and operator.
+
+    Read-only after construction except for caches (assembled K/V rows, resized masks, the current step's
+    window decision), which depend only on inputs and are shared by clones on purpose.
+    """
+
+    kv: AdapterKVCache
+    swaps: tuple[bool, ...]  # per site: the image goes to the negative rows (precise weight types)
+    sigma_window: tuple[float, float] = ALWAYS  # (sigma_start, sigma_end): active while end <= sigma <= start
+    mask: Optional[torch.Tensor] = None  # [Bm, H, W] float
+    config: Optional[AttentionOpConfig] = None
+    label: str = "IP-Adapter"
+    _rows: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
+    _step: list = field(default_factory=lambda: [None, True], repr=False)  # [sigmas tensor, active]
+
+    def __deepcopy__(self, memo: dict) -> "AdapterApplication":
+        return self
+
+    def active_at(self, extra_options: dict) -> bool:
+        """In the start/end window? One host sync per sampling step at most (not per call), none when the
+        window is the whole schedule: the decision is kept for the step's sigmas tensor object."""
+        if self.sigma_window == ALWAYS:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        if self._step[0] is not sigmas:
+            sigma = float(sigmas.reshape(-1)[0])
+            start, end = self.sigma_window
+            self._step[:] = [sigmas, end <= sigma <= start]
+        return self._step[1]
+
+    def branch(self, site: Attn2Site, q: torch.Tensor, extra_options: dict) -> Optional[IPBranch]:
+        weight = self.kv.site_weights[site.index]
+        if weight == 0.0 or not self.active_at(extra_options):
+            return None
+        rows = self._row_kv(site, q, tuple(extra_options.get("cond_or_uncond") or (0,)))
+        if rows is None:
+            return None
+        k, v, scale = rows
+        return IPBranch(k, v, scale, self._row_mask(site, q, extra_options))
+
+    def _row_kv(self, site: Attn2Site, q: torch.Tensor, chunks: tuple):
+        """K/V per batch row: chunk c of `cond_or_uncond` is negative when c == 1, positive otherwise."""
+        batch = q.shape[0]
+        key = (site.index, q.device, q.dtype, chunks, batch)
+        cached = self._rows.get(key)
+        if cached is None:
+            cached = self._rows[key] = self._assemble(site, q, chunks, batch)
+        return cached
+
+    def _assemble(self, site: Attn2Site, q: torch.Tensor, chunks: tuple, batch: int):
+        entry = self.kv.get(site.index, q.device, q.dtype)
+        per_chunk = batch // len(chunks)
+        negative = [c == 1 for c in chunks]
+        if self.swaps[site.index]:
+            # precise modes: negative rows get the image, positive rows nothing
+            if not any(negative):
+                return None
+            scale = torch.tensor([entry.out_scale if n else 0.0 for n in negative], device=q.device,
+                                 dtype=torch.float32).repeat_interleave(per_chunk)
+            return entry.k_cond, entry.v_cond, scale
+        if all(negative) or not any(negative):
+            k, v = (entry.k_uncond, entry.v_uncond) if negative[0] else (entry.k_cond, entry.v_cond)
+            return k, v, entry.out_scale
+        k = torch.cat([(entry.k_uncond if n else entry.k_cond).expand(per_chunk, -1, -1) for n in negative])
+        v = torch.cat([(entry.v_uncond if n else entry.v_cond).expand(per_chunk, -1, -1) for n in negative])
+        return k, v, entry.out_scale
+
+    def _row_mask(self, site: Attn2Site, q: torch.Tensor, extra_options: dict) -> Optional[torch.Tensor]:
+        if self.mask is None:
+            return None
+        grid = _token_grid(q.shape[1], extra_options)
+        chunks = len(extra_options.get("cond_or_uncond") or (0,))
+        key = (grid, q.device, q.shape[0], chunks)
+        cached = self._masks.get(key)
+        if cached is None:
+            tokens = mask_to_tokens(self.mask.to(q.device), grid)  # [Bm, Mq]
+            per_chunk = q.shape[0] // chunks
+            if tokens.shape[0] > 1:  # one mask per latent in the batch: trim or repeat the last
+                index = torch.arange(per_chunk, device=q.device).clamp(max=tokens.shape[0] - 1)
+                tokens = tokens[index].repeat(chunks, 1)
+            cached = self._masks[key] = tokens
+        return cached
+
+
+def _token_grid(q_len: int, extra_options: dict) -> tuple[int, int]:
+    """The block's h x w token grid from `activations_shape` (any aspect ratio), else from the latent's."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and int(shape[-2]) * int(shape[-1]) == q_len:
+        return int(shape[-2]), int(shape[-1])
+    _, _, height, width = extra_options["original_shape"]
+    for factor in (1, 2, 4, 8, 16, 32, 64):
+        h, w = -(-int(height) // factor), -(-int(width) // factor)
+        if h * w == q_len:
+            return h, w
+    raise ValueError(f"cannot find the token grid of a block with {q_len} tokens for a "
+                     f"{height}x{width} latent")
+
+
+_processors: dict[Optional[AttentionOpConfig], XFormersIPAdapterAttnProcessor] = {}
+
+
+def processor_for(config: Optional[AttentionOpConfig]) -> XFormersIPAdapterAttnProcessor:
+    """One engine per distinct operator config (it keeps per-signature plans)."""
+    processor = _processors.get(config)
+    if processor is None:
+        processor = _processors[config] = XFormersIPAdapterAttnProcessor(config)
+    return processor
+
+
+class IPAdapterAttn2Patch:
+    """`replace(q, k, v, extra_options) -> out` for one attn2 site (ComfyUI's attn2 replace contract)."""
+
+    is_xformers_ipadapter_patch = True
+
+    def __init__(self, site: Attn2Site, applications: tuple[AdapterApplication, ...],
+                 wrapped: Optional[Callable] = None) -> None:
+        self.site = site
+        self.applications = applications
+        self.wrapped = wrapped
+
+    def with_application(self, application: AdapterApplication) -> "IPAdapterAttn2Patch":
+        return IPAdapterAttn2Patch(self.site, self.applications + (application,), self.wrapped)
+
+    def __deepcopy__(self, memo: dict) -> "IPAdapterAttn2Patch":
+        return self  # immutable; shares the adapter weights and caches
+
+    def to(self, device_or_dtype: Any) -> "IPAdapterAttn2Patch":
+        """ComfyUI moves patches with the model; K/V are made lazily per device and dtype, so nothing moves."""
+        if self.wrapped is not None and hasattr(self.wrapped, "to"):
+            wrapped = self.wrapped.to(device_or_dtype)
+            if wrapped is not self.wrapped:
+                return IPAdapterAttn2Patch(self.site, self.applications, wrapped)
+        return self
+
+    def config(self, extra_options: dict) -> Optional[AttentionOpConfig]:
+        """The newest adapter's explicit operator, else the model's (PatchXformersModelAttention), else auto."""
+        for application in reversed(self.applications):
+            if application.config is not None:
+                return application.config
+        return extra_options.get(MODEL_OP_KEY)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        branches = [b for b in (a.branch(self.site, q, extra_options) for a in self.applications) if b is not None]
+        config = self.config(extra_options)
+        base = self._base(q, k, v, extra_options, config)
+        if base is not None and not branches:
+            return base
+        precision = get_attn_precision(extra_options.get("attn_precision"), q.dtype)
+        return processor_for(config)(q, k, v, heads, branches, precision=precision, base=base)
+
+    def _base(self, q, k, v, extra_options: dict, config) -> Optional[torch.Tensor]:
+        """The text attention from someone else when it must be theirs: a wrapped replace callable, or a
+        model-wide attention override another pack installed (and no operator was chosen here)."""
+        if self.wrapped is not None:
+            return self.wrapped(q, k, v, extra_options)
+        if config is None and "optimized_attention_override" in extra_options:
+            from comfy.ldm.modules.attention import optimized_attention
+
+            return optimized_attention(q, k, v, extra_options["n_heads"],
+                                       attn_precision=extra_options.get("attn_precision"),
+                                       transformer_options=extra_options)
+        return None

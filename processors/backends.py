@@ -141,10 +141,16 @@ def _with_library_problem(reasons: list[str], problem: str) -> tuple[str, ...]:
     return tuple(reasons + [problem]) if problem else tuple(reasons)
 
 
+def _without_xformers(choice: str, q: torch.Tensor, problem: str) -> Prepared:
+    """xformers cannot be used at all; say so, and say when the device would rule it out anyway."""
+    device = () if q.device.type == "cuda" else (f"device={q.device.type} (xformers runs on cuda only)",)
+    return Prepared(choice, None, (problem, *device))
+
+
 def _prepare_xformers_op(choice: str, q, k, v, bias, batch_limit: int) -> Prepared:
     status = xformers_status()
     if not status.importable:
-        return Prepared(choice, None, (status.problem,))
+        return _without_xformers(choice, q, status.problem)
     module_name, class_name = _XFORMERS_FW_OPS[choice]
     fw_op = getattr(getattr(status.fmha, module_name, None), class_name, None)
     if fw_op is None:
@@ -173,7 +179,7 @@ def _prepare_xformers_dispatch(choice: str, q, k, v, bias, batch_limit: int) -> 
     """xformers' own dispatcher, asked once per signature; the op it picks is then called directly."""
     status = xformers_status()
     if not status.importable:
-        return Prepared(choice, None, (status.problem,))
+        return _without_xformers(choice, q, status.problem)
     fmha = status.fmha
     try:
         inp = _xformers_inputs(fmha, q, k, v, bias)

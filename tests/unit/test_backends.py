@@ -81,7 +81,8 @@ def test_auto_runs_sdpa_on_cpu_and_reports_why():
 def test_without_xformers_every_xformers_op_says_so_and_auto_runs_sdpa():
     q, k, v = qkv(torch.float16)
     for op in XFORMERS_OPS:
-        assert backends.prepare(op, q, k, v).reasons == ("xformers is not installed",)
+        assert backends.prepare(op, q, k, v).reasons == ("xformers is not installed",
+                                                         "device=cpu (xformers runs on cuda only)")
     assert backends.resolve("auto", q, k, v).ran == "sdpa"
     report = backends.operator_report()
     assert report["versions"]["xformers"] is None

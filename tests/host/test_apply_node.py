@@ -289,3 +289,32 @@ def test_bad_inputs_raise_clear_errors_at_the_node(nodes, unet, clip_vision, ada
         {k: t.float() for k, t in tm.fill(tm.ipadapter_base_layout(1280), seed=3).items()})
     with pytest.raises(ValueError, match=r"expects 1280-d CLIP vision embeddings.*has 96"):
         apply(nodes, unet, wrong_clip, clip_vision)
+
+
+def test_window_is_decided_once_per_step_not_per_call(nodes, unet, clip_vision, adapters):
+    """The sigma gate reads the step's sigma to the host once per sigmas tensor (one per step), not per call."""
+    windowed = apply(nodes, unet, adapters["base"], clip_vision, start_at=0.2, end_at=0.8)
+    application = attn2_patches(windowed)[("input", 1, 0)].applications[0]
+    reads = []
+
+    class Sigmas:  # stands in for the step's sigmas tensor: counts host reads
+        def __init__(self, value):
+            self.value = value
+
+        def reshape(self, *shape):
+            return self
+
+        def __getitem__(self, index):
+            return self
+
+        def __float__(self):
+            reads.append(self.value)
+            return self.value
+
+    start, end = application.sigma_window
+    inside, outside = Sigmas((start + end) / 2), Sigmas(start * 2)
+    assert all(application.active_at({"sigmas": inside}) for _ in range(16))
+    assert not any(application.active_at({"sigmas": outside}) for _ in range(16))
+    assert reads == [inside.value, outside.value]
+    full = attn2_patches(apply(nodes, unet, adapters["base"], clip_vision))[("input", 1, 0)].applications[0]
+    assert full.active_at({"sigmas": Sigmas(1.0)}) and len(reads) == 2  # full window: never read

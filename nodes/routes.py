@@ -28,7 +28,8 @@ def ops_report(refresh: bool = False) -> dict:
 
 async def get_ops(request: web.Request) -> web.Response:
     refresh = request.query.get("refresh", "") not in ("", "0", "false")
-    return web.json_response(ops_report(refresh))
+    # The report can change with ?refresh=1 (and between server runs): browsers must not reuse a stale copy.
+    return web.json_response(ops_report(refresh), headers={"Cache-Control": "no-store"})
 
 
 def register(server) -> None:

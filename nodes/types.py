@@ -1,4 +1,4 @@
-"""Socket types this pack adds to ComfyUI graphs."""
+"""Connection types (MODEL-like wire types) this pack adds to ComfyUI graphs."""
 
 from comfy_api.latest import io
 

@@ -34,7 +34,9 @@ from xipa_test_support.server import ComfyServer, ComfyServerError  # noqa: E402
 
 MODELS_ENV = "XIPA_EXAMPLE_MODELS"
 DEFAULT_WORKDIR = REPO_ROOT / ".cache" / "run_example"
-OP_LINE = re.compile(r"(attention op '[^']*': ran .*|fused attention.*)$")
+# What the pack logs about attention: operator decisions (processors.backends), other formulations it chose
+# (backends.note) and the fused planner.
+OP_LINE = re.compile(r"(attention op '[^']*': ran .*|attn2 formulation: .*|fused attention.*)$")
 REPORT = re.compile(r"attention op '(?P<requested>[^']*)': ran (?P<ran>.+?)(?: because (?P<why>.*))?$")
 
 

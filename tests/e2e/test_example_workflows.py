@@ -4,7 +4,10 @@ UI workflow queues exactly its API twin, and ComfyUI lists the UI workflows (onl
 The UI files are the source of truth (edit them in ComfyUI, save, then "Export (API)" into
 example_workflows/api/); test_ui_workflow_matches_its_api_twin fails when the two drift.
 """
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -95,3 +98,46 @@ def test_tinyize_splits_checkpoints_and_maps_every_file(tiny_models):
     with pytest.raises(KeyError):
         wf.tinyize({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.ckpt"}}},
                    tiny_models)
+
+
+def test_readme_headless_example_runs(comfy_server, tiny_models, uploaded, tmp_path):
+    """The README's standard-library API example, as printed, against the test server (tiny models)."""
+    readme = (wf.REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Headless API example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    workflow = tmp_path / "workflow.json"
+    tiny = wf.tinyize(wf.load_api(wf.BASIC), tiny_models, size=SIZE, steps=2)
+    tiny["10"]["inputs"]["seed"] = 4242  # not a cached result
+    workflow.write_text(json.dumps(tiny))
+    replacements = {"SERVER": f"127.0.0.1:{comfy_server.port}", "WORKFLOW": str(workflow),
+                    "IMAGE": uploaded["example.png"]}
+    for name, value in replacements.items():
+        code, count = re.subn(rf'^{name} = "[^"]*"', f"{name} = {json.dumps(value)}", code, flags=re.M)
+        assert count == 1, name
+    script = tmp_path / "headless.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          cwd=wf.REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + comfy_server.log_tail()
+    saved = re.findall(r"^saved: (\S*) (\S+)$", proc.stdout, re.M)
+    assert len(saved) == 1 and saved[0][1].startswith("sd15_image_prompt"), proc.stdout
+    assert (comfy_server.output_dir / saved[0][0] / saved[0][1]).is_file()
+
+
+NODE_IDS = ("LoadXformersIPAdapter", "SelectXformersAttentionOp", "ApplyXformersIPAdapterAttention",
+            "PatchXformersModelAttention")
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_help_page_is_served_where_the_frontend_looks(node_id, comfy_server, object_info):
+    """The frontend's node help fetches /extensions/<custom node folder>/docs/<node id>.md (after trying
+    docs/<node id>/<locale>.md) for nodes whose python_module is custom_nodes.<folder>."""
+    module = object_info[node_id]["python_module"]
+    assert module == f"custom_nodes.{comfy_server.pack_name}"
+    r = comfy_server.get(f"/extensions/{comfy_server.pack_name}/docs/{node_id}.md")
+    assert r.status_code == 200, r.text
+    text = r.text
+    assert text.startswith(f"# {object_info[node_id]['display_name']}\n")
+    for name in object_info[node_id]["input_order"].get("required", []):
+        assert f"`{name}`" in text, name
+    assert object_info[node_id]["description"]

@@ -5,6 +5,7 @@ The UI files are the source of truth (edit them in ComfyUI, save, then "Export (
 example_workflows/api/); test_ui_workflow_matches_its_api_twin fails when the two drift.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -141,3 +142,39 @@ def test_node_help_page_is_served_where_the_frontend_looks(node_id, comfy_server
     for name in object_info[node_id]["input_order"].get("required", []):
         assert f"`{name}`" in text, name
     assert object_info[node_id]["description"]
+
+
+@pytest.mark.browser
+def test_frontend_loads_each_ui_workflow_and_queues_its_api_twin(comfy_server):
+    """The real frontend (headless Chromium): app.loadGraphData(ui) then app.graphToPrompt() gives exactly the
+    API twin, with no page errors."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("XIPA_CHROMIUM", "/usr/bin/chromium")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    comfy_server.http.post(comfy_server.base_url + "/settings", json={"Comfy.TutorialCompleted": True},
+                           timeout=30).raise_for_status()
+    errors: list[str] = []
+    with sync_playwright() as api:
+        browser = api.chromium.launch(executable_path=chromium, headless=True, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.route("**/*", lambda route: route.continue_()
+                       if route.request.url.startswith(comfy_server.base_url) else route.abort())
+            page.on("pageerror", lambda err: errors.append(str(err)))
+            page.goto(comfy_server.base_url)
+            page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?."
+                                   "ApplyXformersIPAdapterAttention", timeout=90_000)
+            for name in wf.WORKFLOWS:
+                prompt = page.evaluate("""async (workflow) => {
+                    await app.loadGraphData(workflow);
+                    const { output } = await app.graphToPrompt();
+                    for (const node of Object.values(output)) delete node._meta;  // titles, ignored by /prompt
+                    const nodes = app.graph._nodes.map((n) => n.type);
+                    return { output, nodes };
+                }""", wf.load_ui(name))
+                assert prompt["output"] == wf.load_api(name), name
+                assert sorted(prompt["nodes"]) == sorted(n["type"] for n in wf.load_ui(name)["nodes"]), name
+        finally:
+            browser.close()
+    assert not errors, errors

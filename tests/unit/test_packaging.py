@@ -141,6 +141,10 @@ def test_registry_metadata(pyproject):
     assert project["urls"]["Repository"].startswith("https://github.com/")
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["Icon"].startswith("https://")
     assert re.fullmatch(r"(>=|<=|==|>|<|!=|~=)?\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    raw = r"https://raw\.githubusercontent\.com/([^/]+/[^/]+)/[^/]+/(.+\.(?:png|svg|jpg|gif))"
+    icon = re.fullmatch(raw, comfy["Icon"])
+    assert icon, comfy["Icon"]  # served from this repository, so it exists once the repo is published
+    assert project["urls"]["Repository"].endswith("/" + icon.group(1)) and (REPO / icon.group(2)).is_file()
 
 
 # --- shipped files ------------------------------------------------------------------------------------------

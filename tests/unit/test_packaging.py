@@ -39,7 +39,8 @@ TEXT_PATTERNS = {
 # The network rule also fired on litegraph calls in web/*.js.
 JS_PATTERNS = {".connect(": r"\.connect\(", ".send(": r"\.send\(", ".bind(": r"\.bind\("}
 NEVER_REQUIRED = {"torch", "torchvision", "torchaudio", "xformers"}
-ACCELERATORS = ("Environment :: GPU :: NVIDIA CUDA", "Environment :: GPU :: AMD ROCm", "Environment :: GPU :: Intel Arc",
+ACCELERATORS = ("Environment :: GPU :: NVIDIA CUDA", "Environment :: GPU :: AMD ROCm",
+                "Environment :: GPU :: Intel Arc",
                 "Environment :: NPU :: Huawei Ascend", "Environment :: GPU :: Apple Metal")
 
 

@@ -57,10 +57,7 @@ def test_parity_with_masks(mask_mode, mask_size):
     hidden, states = inputs(2, n_images=2)
     gen = torch.Generator().manual_seed(2)
     masks = [(torch.rand(1, 2, mask_size, mask_size, generator=gen) > 0.5).float() for _ in range(2)]
-    with torch.no_grad():
-        expected = theirs(attn, hidden, encoder_hidden_states=states, ip_adapter_masks=masks)
-        actual = ours(attn, hidden, encoder_hidden_states=states, ip_adapter_masks=masks)
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert max_error(attn, theirs, ours, hidden, states, ip_adapter_masks=masks) <= 1e-5
 
 
 def test_parity_with_text_attention_mask():
@@ -69,10 +66,7 @@ def test_parity_with_text_attention_mask():
     keep = torch.ones(2, 77)
     keep[:, 60:] = 0
     additive = (1 - keep) * -10000.0  # how diffusers pipelines pass text masks
-    with torch.no_grad():
-        expected = theirs(attn, hidden, encoder_hidden_states=states, attention_mask=additive)
-        actual = ours(attn, hidden, encoder_hidden_states=states, attention_mask=additive)
-    assert (actual - expected).abs().max().item() <= 1e-5
+    assert max_error(attn, theirs, ours, hidden, states, attention_mask=additive) <= 1e-5
 
 
 def test_adapter_changes_the_output_and_scale_zero_removes_it():

@@ -25,9 +25,9 @@ TEXT_PATTERNS = {
     "os.environ": r"os\.environ",
     "environ[": r"environ\[",
     "getenv(": r"getenv\(",
-    # `module.eval()` (torch's inference mode switch) is a method call, not the builtin the rule targets
-    "eval(": r"(?<![\w.])eval\(",
-    "exec(": r"(?<![\w.])exec\(",
+    # plain-text matchers flag method calls too (`module.eval()`), so any `eval(` / `exec(` counts
+    "eval(": r"(?<![\w])eval\(",
+    "exec(": r"(?<![\w])exec\(",
     "pickle.load": r"pickle\.load",
     "urllib.request": r"urllib\.request",
     "requests.": r"\brequests\.",

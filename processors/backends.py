@@ -323,22 +323,30 @@ def resolve_uncached(requested: str, q, k, v, bias=None, on_unsupported: str = "
     return Resolution(requested, fallback.name, fallback.runner, rejected, fallback.detail)
 
 
-_cache: dict[tuple, Resolution] = {}
-_seen_this_run: dict[str, Resolution] = {}
+_cache: dict[tuple, tuple[Resolution, str]] = {}  # signature -> (resolution, its report line)
+_seen_this_run: dict[str, Optional[Resolution]] = {}
 
 
 def resolve(requested: str, q, k, v, bias=None, on_unsupported: str = "fall back",
             batch_limit: Optional[int] = None) -> Resolution:
     key = (requested, on_unsupported, batch_limit, signature(q, k, v, bias))
-    resolution = _cache.get(key)
-    if resolution is None:
+    cached = _cache.get(key)
+    if cached is None:
         resolution = resolve_uncached(requested, q, k, v, bias, on_unsupported, batch_limit)
-        _cache[key] = resolution
-    line = resolution.report()
+        cached = _cache[key] = (resolution, resolution.report())
+    resolution, line = cached
     if line not in _seen_this_run:
         _seen_this_run[line] = resolution
         (logger.warning if resolution.fell_back else logger.info)("%s", line)
     return resolution
+
+
+def note(line: str) -> None:
+    """Record a report line about what ran besides an operator (e.g. the attn2 formulation); logged once
+    per run and listed by `run_reports`."""
+    if line not in _seen_this_run:
+        _seen_this_run[line] = None
+        logger.info("%s", line)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any = None, *, op: str = "auto",

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from . import backends
+from . import single_pass as sp
 from .backends import AttentionOpConfig, UnsupportedOperatorError
 from .bias import aligned_bias
 from .fused import PackedRunner, fused_unavailable_reason, run_fused
@@ -98,6 +99,7 @@ class XFormersIPAdapterAttnProcessor:
         self.batch_limit = batch_limit
         self.fused_runner = fused_runner
         self._fused_plans: dict[tuple, Optional[PackedRunner]] = {}
+        self._single_pass_lines: dict[tuple, str] = {}
 
     @property
     def config(self) -> AttentionOpConfig:
@@ -129,6 +131,8 @@ class XFormersIPAdapterAttnProcessor:
             keys.append(bk)
             values.append(bv)
             biases.append(bias)
+        if base is None and self._single_pass_applies(q4, keys, values, biases):
+            return self._run_single_pass(q4, keys, values, active).reshape(batch, q_len, inner).to(out_dtype)
         outs = self._attend(q4, keys, values, biases) if keys else []
         if base is None:
             result, outs = outs[0], outs[1:]
@@ -144,6 +148,27 @@ class XFormersIPAdapterAttnProcessor:
         return result.reshape(batch, q_len, inner).to(out_dtype)
 
     # ---------------------------------------------------------------------------------------------------------
+
+    def _single_pass_applies(self, q4, keys, values, biases) -> bool:
+        """The single pass where the rule in `single_pass.applies` says it wins, unless a fused call runs."""
+        has_bias = any(b is not None for b in biases)
+        if not sp.applies(self.config.op, q4, [k.shape[1] for k in keys[1:]], has_bias):
+            return False
+        if self.config.fused and self._fused_plan(q4, keys, values, biases) is not None:
+            return False
+        key = (q4.shape[1:], q4.dtype, keys[0].shape[1], tuple(k.shape[1] for k in keys[1:]))
+        line = self._single_pass_lines.get(key)
+        if line is None:
+            line = self._single_pass_lines[key] = sp.describe(q4, keys[0].shape[1], key[3])
+        backends.note(line)
+        return True
+
+    def _run_single_pass(self, q4, keys, values, active: Sequence[IPBranch]) -> torch.Tensor:
+        segments = []
+        for k4, v4, branch in zip(keys[1:], values[1:], active):
+            factor = _row_factor(branch.scale, branch.mask, q4)
+            segments.append(sp.Segment(k4, v4, float(branch.scale) if factor is None else factor))
+        return sp.single_pass(q4, keys[0], values[0], segments)
 
     def _attend(self, q4, keys, values, biases) -> list[torch.Tensor]:
         runner = self._fused_plan(q4, keys, values, biases) if self.config.fused and len(keys) > 1 else None

@@ -1,0 +1,240 @@
+"""Per-step cost of the IP-Adapter in a real ComfyUI KSampler run (comfy.sample.sample, euler, CFG batch 2).
+
+Models: the tests' tiny UNet, and full-size SD1.5- / SDXL-shaped UNets (ComfyUI's UNetModel from the model
+configs, random weights filled in memory, wrapped in a ModelPatcher as comfy.sd does). The adapter is a
+random "base" IP-Adapter (4 image tokens) with to_k_ip/to_v_ip sized for every attn2 site (16 SD1.5, 70
+SDXL), applied with the pack's real node (ApplyXformersIPAdapterAttention.execute), so the measured path is
+the shipped one. Per step = wall time of a warm sampling run / steps, median over interleaved repeats.
+
+CPU (default): tiny at 64x64, SD1.5 at 256x256, fp32. GPU (--device cuda): tiny, SD1.5 512x512 and SDXL
+1024x1024 in fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from common import REPO_ROOT, RESULTS, Table, environment, pyplot, setup_threads, sync, write_results
+
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                 context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True, legacy=False,
+                 use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+                 use_temporal_resblock=False)
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[10, 10, 10, 2, 2, 2, 0, 0, 0], transformer_depth_middle=10,
+                 context_dim=2048, num_heads=-1, num_head_channels=64, use_spatial_transformer=True, legacy=False,
+                 use_linear_in_transformer=True, adm_in_channels=2816, use_temporal_attention=False,
+                 use_temporal_resblock=False)
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    size: int
+    steps: int
+    repeats: int
+
+
+def bootstrap(device: str):
+    """ComfyUI in-process (--cpu on CPU, its default device otherwise) and the pack as ComfyUI loads it."""
+    runpy.run_path(str(REPO_ROOT / "tests" / "support" / "register.py"))
+    from xipa_test_support import comfy_bootstrap
+
+    if device == "cpu":
+        comfy_bootstrap.bootstrap()
+    else:  # the tests' bootstrap always passes --cpu
+        path = str(comfy_bootstrap.resolve_comfyui())
+        sys.path.insert(0, path)
+        saved, sys.argv = sys.argv, [sys.argv[0]]
+        try:
+            import comfy.options
+
+            comfy.options.enable_args_parsing()
+            import comfy.cli_args  # noqa: F401
+        finally:
+            sys.argv = saved
+    comfy_bootstrap.load_pack()
+    from xipa_test_support import host_helpers, tiny_models
+
+    return host_helpers, tiny_models
+
+
+def _randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Small random weights in place: N(0, 1/fan_in) matrices/convs, zero biases, unit norms."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                if isinstance(mod, norms):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias" or p.ndim < 2:
+                    p.zero_()
+                else:
+                    fan_in = p[0].numel()
+                    p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+
+
+def full_unet(config: dict, dtype: torch.dtype):
+    """A ModelPatcher around ComfyUI's model for `config`, random weights, as comfy.sd builds it."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, "")
+    _randomize_(model.diffusion_model, seed=0)
+    model = model.to(comfy.model_management.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def random_adapter(hh, tm, model, cross: int):
+    """A base IP-Adapter (4 tokens) for the tiny CLIP vision, with to_k_ip/to_v_ip sized per attn2 site."""
+    sites_mod = hh.pack_module("nodes.sites")
+    ipadapter = hh.pack_module("processors.ipadapter")
+    layout = tm.ipadapter_base_layout(hh.TINY_CLIP_VISION["projection_dim"], cross=cross)
+    layout = {k: v for k, v in layout.items() if not k.startswith("ip_adapter.")}
+    for site in sites_mod.attn2_sites(model):
+        for name in ("to_k_ip", "to_v_ip"):
+            layout[f"ip_adapter.{2 * site.index + 1}.{name}.weight"] = ("randn", (site.heads * site.dim_head, cross))
+    state = {k: t.float() for k, t in tm.fill(layout, seed=5).items()}
+    return ipadapter.ipadapter_from_state_dict(state, name="random base")
+
+
+def conditioning(seed: int, cross: int, sdxl: bool):
+    gen = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, 1280, generator=gen)} if sdxl else {}
+    return [[torch.randn(1, 77, cross, generator=gen), extra]]
+
+
+def sampler(model, setup: Setup, cross: int, sdxl: bool) -> Callable[[], torch.Tensor]:
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, setup.size // 8, setup.size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    positive, negative = conditioning(1, cross, sdxl), conditioning(2, cross, sdxl)
+    return lambda: comfy.sample.sample(model, noise, setup.steps, 5.0, "euler", "normal", positive, negative,
+                                       latent, seed=0, disable_pbar=True)
+
+
+def time_runs(fns: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+    for fn in fns.values():
+        fn()  # warm-up: model load, K/V cache, operator resolution
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def measure(hh, tm, name: str, model, setup: Setup, cross: int, device: str, workdir) -> dict:
+    apply_node = hh.pack_module("nodes.apply").ApplyXformersIPAdapterAttention
+    sdxl = cross == 2048
+    adapter = random_adapter(hh, tm, model, cross)
+    clip_vision = hh.tiny_clip_vision(workdir)
+    patched = apply_node.execute(model, adapter, clip_vision, hh.image(0), weight=1.0, weight_type="linear",
+                                 start_at=0.0, end_at=1.0, combine_embeds="concat",
+                                 embeds_scaling="V only").result[0]
+    backends = hh.pack_module("processors.backends")
+    backends.begin_run()
+    with torch.inference_mode():
+        times = time_runs({"plain": sampler(model, setup, cross, sdxl),
+                           "ip-adapter": sampler(patched, setup, cross, sdxl)}, setup.repeats, device)
+    per_step = {k: v / setup.steps for k, v in times.items()}
+    result = {"model": name, "size": setup.size, "steps": setup.steps, "repeats": setup.repeats,
+              "sites": len(hh.pack_module("nodes.sites").attn2_sites(model)),
+              "plain_s": per_step["plain"], "ip_s": per_step["ip-adapter"],
+              "ratio": per_step["ip-adapter"] / per_step["plain"], "reports": backends.run_reports()}
+    print(f"{name:10s} {setup.size}x{setup.size}: plain {result['plain_s'] * 1e3:9.1f} ms/step, IP-Adapter "
+          f"{result['ip_s'] * 1e3:9.1f} ms/step, ratio {result['ratio']:.3f}", flush=True)
+    return result
+
+
+def plan(device: str, quick: bool, dtype: torch.dtype) -> list[tuple[str, Optional[dict], Setup, int]]:
+    """(name, unet config or None for the tiny UNet, setup, cross dim)."""
+    if device.startswith("cuda"):
+        return [("tiny", None, Setup("tiny", 64, 10, 10), 768),
+                ("SD1.5", SD15_UNET, Setup("SD1.5", 512, 10, 5), 768),
+                ("SDXL", SDXL_UNET, Setup("SDXL", 1024, 5, 3), 2048)]
+    return [("tiny", None, Setup("tiny", 64, 4, 5 if quick else 15), 768),
+            ("SD1.5", SD15_UNET, Setup("SD1.5", 256, 1 if quick else 2, 2 if quick else 4), 768)]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    hh, tm = bootstrap(args.device)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, config, setup, cross in plan(args.device, args.quick, dtype):
+            if args.models and name not in args.models:
+                continue
+            model = full_unet(tm.TINY_UNET_CONFIG if config is None else config, dtype)
+            results.append(measure(hh, tm, name, model, setup, cross, args.device, workdir))
+            del model
+    return results
+
+
+def report(args: argparse.Namespace, results: list[dict]) -> None:
+    stem = args.stem or f"sampling_step_{'gpu' if args.device.startswith('cuda') else 'cpu'}" + (
+        "_quick" if args.quick else "")
+    t = Table(["model", "attn2 sites", "size", "steps x repeats", "plain ms/step", "IP-Adapter ms/step",
+               "overhead ratio", "added"])
+    for r in results:
+        t.add(r["model"], r["sites"], f"{r['size']}x{r['size']}", f"{r['steps']} x {r['repeats']}",
+              f"{r['plain_s'] * 1e3:.1f}", f"{r['ip_s'] * 1e3:.1f}", f"{r['ratio']:.3f}",
+              f"{(r['ratio'] - 1) * 100:+.1f} %")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{r['model']}\n{r['size']}px" for r in results]
+    ax.bar(labels, [r["ratio"] for r in results], color="tab:blue")
+    ax.axhline(1.05, color="red", linestyle="--", linewidth=1, label="goal: +5 %")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(0.9, max(1.1, max(r["ratio"] for r in results) + 0.05))
+    ax.set_ylabel("step time with / without IP-Adapter")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = f"{stem}.png"
+    fig.savefig(RESULTS / png, dpi=110)
+    plt.close(fig)
+    reports = sorted({line for r in results for line in r["reports"]})
+    sections = [("Per-step overhead of the IP-Adapter", f"![plot]({png})\n\n" + t.markdown()),
+                ("What ran (resolution reports)", "\n".join(f"- {line}" for line in reports) or "none")]
+    path = write_results(stem, "KSampler step with and without the IP-Adapter", environment(args.device),
+                         sections, results)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--threads", type=int, help="CPU threads (default 1: stable on a shared machine)")
+    parser.add_argument("--models", nargs="*", help="subset of: tiny SD1.5 SDXL")
+    parser.add_argument("--stem", help="results file stem")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # ComfyUI warns about models it unloads between setups
+    setup_threads(args.device, args.threads)
+    report(args, run(args))
+
+
+if __name__ == "__main__":
+    main()

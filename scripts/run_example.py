@@ -17,7 +17,6 @@ are generated into .cache/models (no downloads; the image is then noise, but eve
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import runpy
@@ -30,7 +29,7 @@ runpy.run_path(str(REPO_ROOT / "tests" / "support" / "register.py"))
 
 from xipa_test_support import comfy_bootstrap, tiny_models  # noqa: E402
 from xipa_test_support import workflows as wf  # noqa: E402
-from xipa_test_support.server import ComfyServer, ComfyServerError  # noqa: E402
+from xipa_test_support.server import ComfyServer  # noqa: E402
 
 MODELS_ENV = "XIPA_EXAMPLE_MODELS"
 DEFAULT_WORKDIR = REPO_ROOT / ".cache" / "run_example"
@@ -112,44 +111,8 @@ def build_prompt(models_dir: Path | None, args: argparse.Namespace) -> tuple[dic
 
 def run_with_progress(server: ComfyServer, prompt: dict, timeout: float) -> tuple[str, list[tuple[float, dict]]]:
     """Post the prompt while listening on /ws; returns the prompt id and (arrival time, message) pairs."""
-    import websocket  # websocket-client, installed by scripts/setup_env.sh
-
-    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}",
-                                     timeout=timeout)
-    try:
-        status, body = server.post_prompt(prompt)
-        if status != 200:
-            raise ComfyServerError(f"/prompt rejected the workflow ({status}):\n{format_rejection(body)}")
-        prompt_id, events = body["prompt_id"], []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            raw = ws.recv()
-            now = time.perf_counter()
-            if not isinstance(raw, str):
-                continue  # binary preview frames
-            msg = json.loads(raw)
-            data = msg.get("data") or {}
-            if data.get("prompt_id") not in (None, prompt_id):
-                continue
-            events.append((now, msg))
-            if msg.get("type") in ("execution_error", "execution_interrupted"):
-                break
-            if msg.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                break
-        else:
-            raise TimeoutError(f"the workflow did not finish within {timeout:.0f} s")
-        return prompt_id, events
-    finally:
-        ws.close()
-
-
-def format_rejection(body: dict) -> str:
-    lines = [str((body.get("error") or {}).get("message", body))]
-    for node_id, info in (body.get("node_errors") or {}).items():
-        for error in info.get("errors", []):
-            lines.append(f"  node {node_id} ({info.get('class_type')}): {error.get('message')}: "
-                         f"{error.get('details')}")
-    return "\n".join(lines)
+    prompt_id, messages = server.run_ws(prompt, timeout)
+    return prompt_id, [(m["received"], m) for m in messages]
 
 
 def step_timing(events: list[tuple[float, dict]], sampler_id: str) -> tuple[float | None, float | None, int]:

@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import requests
 
@@ -28,6 +27,16 @@ from .tiny_models import write_extra_model_paths
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 120.0
+
+
+def rejection_message(status: int, body: dict) -> str:
+    """A /prompt rejection (400 body) as readable lines: the error, then each node's errors."""
+    lines = [f"/prompt answered {status}: {(body.get('error') or {}).get('message', json.dumps(body)[:2000])}"]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        for error in info.get("errors", []):
+            lines.append(f"  node {node_id} ({info.get('class_type')}): {error.get('message')}: "
+                         f"{error.get('details')}")
+    return "\n".join(lines)
 
 
 class ComfyServerError(RuntimeError):
@@ -181,7 +190,7 @@ class ComfyServer:
         """post_prompt + wait_for; raises if the prompt is rejected (the 400 body is in the message)."""
         status, body = self.post_prompt(prompt)
         if status != 200:
-            raise ComfyServerError(f"/prompt answered {status}: {json.dumps(body, indent=1)[:4000]}")
+            raise ComfyServerError(rejection_message(status, body))
         return self.wait_for(body["prompt_id"], timeout)
 
     def upload_image(self, path: Path | str, subfolder: str = "", overwrite: bool = True) -> dict:
@@ -217,7 +226,7 @@ class ComfyServer:
         try:
             status, body = self.post_prompt(prompt)
             if status != 200:
-                raise ComfyServerError(f"/prompt answered {status}: {json.dumps(body, indent=1)[:4000]}")
+                raise ComfyServerError(rejection_message(status, body))
             prompt_id, messages = body["prompt_id"], []
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -225,6 +234,7 @@ class ComfyServer:
                 if not isinstance(raw, str):
                     continue
                 msg = json.loads(raw)
+                msg["received"] = time.perf_counter()  # arrival time, for step timings
                 data = msg.get("data") or {}
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue

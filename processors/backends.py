@@ -294,9 +294,10 @@ class Resolution:
     def fell_back(self) -> bool:
         return self.requested != self.ran and self.requested != "auto"
 
-    def report(self) -> str:
-        """One line: which operator ran and why any fallback."""
-        ran = f"{self.ran} ({self.detail})" if self.detail else self.ran
+    def report(self, ran: Optional[str] = None) -> str:
+        """One line: which operator ran and why any fallback. `ran` names another path that runs instead of
+        the resolved operator (the processor's single-pass formulation)."""
+        ran = ran or (f"{self.ran} ({self.detail})" if self.detail else self.ran)
         if not self.rejected:
             return f"attention op {self.requested!r}: ran {ran}"
         why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in self.rejected)

@@ -150,16 +150,21 @@ class XFormersIPAdapterAttnProcessor:
     # ---------------------------------------------------------------------------------------------------------
 
     def _single_pass_applies(self, q4, keys, values, biases) -> bool:
-        """The single pass where the rule in `single_pass.applies` says it wins, unless a fused call runs."""
+        """The single pass where the rule in `single_pass.applies` says it wins and `auto` would otherwise
+        fall back to SDPA (xformers cannot run); reported once per run with the reason, like an operator."""
         has_bias = any(b is not None for b in biases)
         if not sp.applies(self.config.op, q4, [k.shape[1] for k in keys[1:]], has_bias):
             return False
-        if self.config.fused and self._fused_plan(q4, keys, values, biases) is not None:
-            return False
-        key = (q4.shape[1:], q4.dtype, keys[0].shape[1], tuple(k.shape[1] for k in keys[1:]))
+        key = (q4.shape[1:], q4.dtype, q4.device, keys[0].shape[1], tuple(k.shape[1] for k in keys[1:]))
         line = self._single_pass_lines.get(key)
         if line is None:
-            line = self._single_pass_lines[key] = sp.describe(q4, keys[0].shape[1], key[3])
+            resolution = backends.resolve_uncached(self.config.op, q4, keys[0], values[0], None,
+                                                   self.config.on_unsupported, self.batch_limit)
+            runs_xformers = resolution.ran.startswith("xformers")
+            line = "" if runs_xformers else resolution.report(sp.describe(q4, keys[0].shape[1], key[4]))
+            self._single_pass_lines[key] = line
+        if not line:
+            return False
         backends.note(line)
         return True
 

@@ -28,7 +28,9 @@ NAME = "single pass"
 # The rule, from benchmarks/results/attention_layer_cpu.md (fp32, batch 2, 77 text tokens):
 MIN_QUERIES = 256
 MAX_IMAGE_TOKENS = 48
-OPS = ("auto", "sdpa")  # explicit kernels (sdpa:math, sdpa:flash, xformers:*) keep the separate calls
+# Only `auto` (where xformers cannot run: the processor checks): an explicit op, sdpa included, runs the kernel
+# the user chose, in separate calls.
+OPS = ("auto",)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ def applies(op: str, q4: torch.Tensor, image_lengths: Sequence[int], has_bias: b
 
 def describe(q4: torch.Tensor, text_len: int, image_lengths: Sequence[int]) -> str:
     lengths = " + ".join(str(n) for n in image_lengths)
-    return (f"attn2 formulation: {NAME} (PyTorch matmuls) for {q4.shape[1]} queries, {q4.shape[2]} heads x "
-            f"{q4.shape[3]}, {text_len} text + {lengths} image keys, {q4.dtype} on {q4.device.type}")
+    return (f"{NAME} (PyTorch matmuls) for {q4.shape[1]} queries, {q4.shape[2]} heads x {q4.shape[3]}, "
+            f"{text_len} text + {lengths} image keys, {q4.dtype} on {q4.device.type}")
 
 
 def _row_factor(factor: Factor, row: int) -> Factor:

@@ -27,6 +27,7 @@ from .fused import PackedRunner, fused_unavailable_reason, run_fused
 logger = logging.getLogger(__name__)
 
 Scale = Union[float, torch.Tensor]
+DEFAULT_CONFIG = AttentionOpConfig()  # `attention_op = None` means auto with default options
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class XFormersIPAdapterAttnProcessor:
 
     @property
     def config(self) -> AttentionOpConfig:
-        return self.attention_op or AttentionOpConfig()
+        return self.attention_op or DEFAULT_CONFIG
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                  branches: Sequence[IPBranch] = (), *, text_bias: Optional[torch.Tensor] = None,

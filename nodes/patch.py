@@ -78,10 +78,9 @@ class AdapterApplication:
         """K/V per batch row: chunk c of `cond_or_uncond` is negative when c == 1, positive otherwise."""
         batch = q.shape[0]
         key = (site.index, q.device, q.dtype, chunks, batch)
-        cached = self._rows.get(key)
-        if cached is None:
-            cached = self._rows[key] = self._assemble(site, q, chunks, batch)
-        return cached
+        if key not in self._rows:  # None (nothing to add for this layout) is cached too
+            self._rows[key] = self._assemble(site, q, chunks, batch)
+        return self._rows[key]
 
     def _assemble(self, site: Attn2Site, q: torch.Tensor, chunks: tuple, batch: int):
         entry = self.kv.get(site.index, q.device, q.dtype)

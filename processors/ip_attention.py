@@ -22,7 +22,7 @@ from . import backends
 from . import single_pass as sp
 from .backends import AttentionOpConfig, UnsupportedOperatorError
 from .bias import aligned_bias
-from .fused import PackedRunner, fused_unavailable_reason, run_fused
+from .fused import PackedRunner, fused_unavailable_reason, pack, run_fused
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,6 @@ class XFormersIPAdapterAttnProcessor:
         if not why and cfg.op.startswith("sdpa"):
             why = f"fused mode needs an xformers operator; {cfg.op!r} is PyTorch SDPA"
         if not why:
-            from .fused import pack
-
             bias, qp, kp, vp = pack(q4, keys, values)
             try:
                 resolution = backends.resolve_uncached(cfg.op, qp, kp, vp, bias, cfg.on_unsupported,

@@ -55,7 +55,7 @@ def describe(q4: torch.Tensor, text_len: int, image_lengths: Sequence[int]) -> s
             f"{text_len} text + {lengths} image keys, {q4.dtype} on {q4.device.type}")
 
 
-def _row_factor(factor: Factor, row: int) -> Factor:
+def _factor_for_row(factor: Factor, row: int) -> Factor:
     """The factor for batch row `row`, shaped `[1, Mq or 1, 1]` to scale `[H, Mq, L]` probabilities."""
     if not isinstance(factor, torch.Tensor):
         return factor
@@ -90,7 +90,7 @@ def single_pass(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, segments: 
         torch.baddbmm(image_scores, qb, ki[row].permute(1, 2, 0), beta=0.0, alpha=scale, out=image_scores)
         start = 0
         for segment, length in zip(segments, lengths):
-            _weighted_softmax_(image_scores[..., start:start + length], _row_factor(segment.factor, row))
+            _weighted_softmax_(image_scores[..., start:start + length], _factor_for_row(segment.factor, row))
             start += length
         ob = out[row].transpose(0, 1)  # [H, Mq, Dv] view of the output
         torch.bmm(text.softmax(-1), v4[row].transpose(0, 1), out=ob)

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from processors import backends  # noqa: E402
 from processors.backends import OP_CHOICES, AttentionOpConfig  # noqa: E402
 from processors.bias import aligned_bias  # noqa: E402
-from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, reference_attention  # noqa: E402
+from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor  # noqa: E402
+from harness.oracle import reference_attention  # noqa: E402
 
 # (name, batch, queries, heads, head dim): SD1.5 levels 1-4, SDXL levels 2-3 (B = 2: cond + uncond)
 SHAPES = [

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from processors.backends import AttentionOpConfig  # noqa: E402
 from processors.fused import materialized_runner  # noqa: E402
-from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, reference_attention  # noqa: E402
+from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor  # noqa: E402
+from harness.oracle import reference_attention  # noqa: E402
 
 HEADS, DIM = 8, 40
 PATHS = {

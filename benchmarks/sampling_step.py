@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import runpy
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import REPO_ROOT, RESULTS, Table, environment, pyplot, setup_threads, sync, write_results
+from common import RESULTS, Table, environment, pyplot, setup_threads, sync, write_results
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -50,8 +49,7 @@ class Setup:
 
 def bootstrap(device: str):
     """ComfyUI in-process (--cpu on CPU, its default device otherwise) and the pack as ComfyUI loads it."""
-    runpy.run_path(str(REPO_ROOT / "tests" / "support" / "register.py"))
-    from xipa_test_support import comfy_bootstrap
+    from harness import comfy_bootstrap
 
     if device == "cpu":
         comfy_bootstrap.bootstrap()
@@ -67,7 +65,7 @@ def bootstrap(device: str):
         finally:
             sys.argv = saved
     comfy_bootstrap.load_pack()
-    from xipa_test_support import host_helpers, tiny_models
+    from harness import host_helpers, tiny_models
 
     return host_helpers, tiny_models
 

@@ -12,7 +12,6 @@ one block-diagonal xformers call.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -219,20 +218,3 @@ class XFormersIPAdapterAttnProcessor:
                 why = str(error)
         logger.warning("fused attention not possible, running separate calls: %s", why)
         return None
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                        branches: Sequence[IPBranch] = ()) -> torch.Tensor:
-    """Plain float64 maths of the same formula (output-weighted masks), for tests and benchmarks."""
-    def attend(qh, kh, vh):
-        scores = torch.einsum("bqhd,bkhd->bhqk", qh, kh) / math.sqrt(qh.shape[-1])
-        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vh)
-
-    batch = q.shape[0]
-    q4 = _heads_view(q.double(), batch, heads)
-    out = attend(q4, _heads_view(k.double(), batch, heads), _heads_view(v.double(), batch, heads))
-    for b in branches:
-        ip = attend(q4, _heads_view(b.k.double(), batch, heads), _heads_view(b.v.double(), batch, heads))
-        factor = _row_factor(b.scale, b.mask, ip)
-        out = out + (ip * float(b.scale) if factor is None else ip * factor)
-    return out.reshape(q.shape).to(q.dtype)

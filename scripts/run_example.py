@@ -19,28 +19,27 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import runpy
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-runpy.run_path(str(REPO_ROOT / "tests" / "support" / "register.py"))
+REPO_ROOT = Path(__file__).absolute().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
-from xipa_test_support import comfy_bootstrap, tiny_models  # noqa: E402
-from xipa_test_support import workflows as wf  # noqa: E402
-from xipa_test_support.server import ComfyServer  # noqa: E402
+from harness import comfy_bootstrap, tiny_models  # noqa: E402
+from harness import workflows as wf  # noqa: E402
+from harness.server import ComfyServer  # noqa: E402
 
 MODELS_ENV = "XIPA_EXAMPLE_MODELS"
 DEFAULT_WORKDIR = REPO_ROOT / ".cache" / "run_example"
-# What the pack logs about attention: operator decisions (processors.backends), other formulations it chose
-# (backends.note) and the fused planner.
-OP_LINE = re.compile(r"(attention op '[^']*': ran .*|attn2 formulation: .*|fused attention.*)$")
+# What the pack logs about attention: operator decisions (processors.backends, the single pass included: it is
+# reported through backends.note in the same form) and the fused planner.
+OP_LINE = re.compile(r"(attention op '[^']*': ran .*|fused attention.*)$")
 REPORT = re.compile(r"attention op '(?P<requested>[^']*)': ran (?P<ran>.+?)(?: because (?P<why>.*))?$")
 
 
 class ExampleServer(ComfyServer):
-    """The test harness's server, on the GPU when asked (the harness always passes --cpu)."""
+    """The harness's server, on the GPU when asked (the harness always passes --cpu)."""
 
     def __init__(self, *args, gpu: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""Shared pytest setup: the repo root is importable, so unit tests `import processors` standalone."""
+"""Shared pytest setup: the repo root is importable, so tests `import processors` standalone and import the
+development harness (`harness/`: ComfyUI host, server, tiny models, oracle, pytest helpers) by its name."""
 import sys
 from pathlib import Path
 

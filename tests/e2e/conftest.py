@@ -1,10 +1,7 @@
-"""E2E tests: a real ComfyUI server subprocess with this pack (fixtures from tests/support/fixtures.py)."""
-import runpy
+"""E2E tests: a real ComfyUI server subprocess with this pack (fixtures from harness/testing.py)."""
 from pathlib import Path
 
-runpy.run_path(str(Path(__file__).resolve().parents[1] / "support" / "register.py"))
-
-from xipa_test_support.fixtures import comfy, comfy_server, mark_folder, tiny_models  # noqa: E402,F401
+from harness.testing import comfy, comfy_server, mark_folder, tiny_models  # noqa: F401
 
 
 def pytest_collection_modifyitems(items):

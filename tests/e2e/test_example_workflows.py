@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from PIL import Image
-from xipa_test_support import workflows as wf
+from harness import workflows as wf
 
 SIZE = 64  # tiny run: 64x64 pixels, at most 2 steps
 

@@ -143,7 +143,7 @@ def test_wrong_clip_vision_for_the_adapter(comfy_server, tiny_models, reference_
 def wrong_width_adapter(comfy_server, tiny_models) -> str:
     """A base adapter sized for ViT-bigG embeddings (1280), written next to the tiny models."""
     from safetensors.torch import save_file
-    from xipa_test_support import tiny_models as tm
+    from harness import tiny_models as tm
 
     path = tiny_models.root / "ipadapter" / "tiny_sd15_base_bigg.safetensors"
     if not path.is_file():
@@ -181,7 +181,7 @@ def test_values_outside_the_contract_are_named(comfy_server, tiny_models, refere
 
 def test_sdxl_adapter_on_an_sd15_model(comfy_server, tiny_models, reference_image):
     from safetensors.torch import save_file
-    from xipa_test_support import tiny_models as tm
+    from harness import tiny_models as tm
 
     path = tiny_models.root / "ipadapter" / "tiny_sdxl_shaped.safetensors"
     if not path.is_file():  # SDXL's 70 sites and 2048-d context (narrow K/V keep the file small)

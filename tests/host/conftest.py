@@ -1,10 +1,7 @@
-"""Host tests: a real ComfyUI imported in-process (fixtures from tests/support/fixtures.py)."""
-import runpy
+"""Host tests: a real ComfyUI imported in-process (fixtures from harness/testing.py)."""
 from pathlib import Path
 
-runpy.run_path(str(Path(__file__).resolve().parents[1] / "support" / "register.py"))
-
-from xipa_test_support.fixtures import comfy, mark_folder, pack, tiny_models  # noqa: E402,F401
+from harness.testing import comfy, mark_folder, pack, tiny_models  # noqa: F401
 
 
 def pytest_collection_modifyitems(items):

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from xipa_test_support import host_helpers as hh
-from xipa_test_support import tiny_models as tm
+from harness import host_helpers as hh
+from harness import tiny_models as tm
+from harness.oracle import reference_attention
 
 DEFAULTS = dict(weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
                 embeds_scaling="V only")
@@ -163,7 +164,7 @@ def test_every_enumerated_site_is_called_during_a_real_forward(nodes, unet, clip
 
 @pytest.mark.parametrize("chunks", [[0], [1, 0], [1, 0, 0]])
 def test_any_cond_or_uncond_layout(nodes, unet, clip_vision, adapters, chunks):
-    from xformers_ipadapter.processors.ip_attention import IPBranch, reference_attention
+    from xformers_ipadapter.processors.ip_attention import IPBranch
 
     patched = apply(nodes, unet, adapters["base"], clip_vision, image_negative=hh.image(5))
     patch = attn2_patches(patched)[("input", 1, 0)]
@@ -185,7 +186,7 @@ def test_any_cond_or_uncond_layout(nodes, unet, clip_vision, adapters, chunks):
 
 def test_mask_of_any_aspect_is_resized_per_block(nodes, unet, clip_vision, adapters):
     import torch.nn.functional as F
-    from xformers_ipadapter.processors.ip_attention import IPBranch, reference_attention
+    from xformers_ipadapter.processors.ip_attention import IPBranch
 
     mask = torch.rand(1, 37, 91, generator=torch.Generator().manual_seed(4))
     patched = apply(nodes, unet, adapters["base"], clip_vision, attn_mask=mask)

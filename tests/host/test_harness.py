@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from xipa_test_support import meta_unets, tiny_models as tm
+from harness import meta_unets, tiny_models as tm
 
 
 def test_tiny_unet_is_detected_as_sd15_with_four_attn2_sites(comfy, tiny_models):

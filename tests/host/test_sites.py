@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from xipa_test_support import host_helpers as hh
-from xipa_test_support import meta_unets
+from harness import host_helpers as hh
+from harness import meta_unets
 
 
 def patcher(unet):

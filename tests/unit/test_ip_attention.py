@@ -6,7 +6,8 @@ import torch
 from processors import backends
 from processors.backends import AttentionOpConfig
 from processors.fused import materialized_runner, pack, unpack
-from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, reference_attention
+from harness.oracle import reference_attention
+from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 
 HEADS, DIM = 8, 40
 PATHS = {

@@ -6,8 +6,8 @@ import torch
 from processors import backends
 from processors import single_pass as sp
 from processors.backends import AttentionOpConfig
-from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, _heads_view, _row_factor, \
-    reference_attention
+from harness.oracle import reference_attention
+from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, _heads_view, _row_factor
 
 HEADS, DIM = 8, 40
 INNER = HEADS * DIM

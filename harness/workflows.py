@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from . import REPO_ROOT
+
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 API_DIR = EXAMPLES_DIR / "api"
 

@@ -15,32 +15,21 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from . import REPO_ROOT, comfy_host
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "xformers_ipadapter"
 DEFAULT_ARGS = ("--cpu",)
 
 _state: dict = {}
 
 
-def comfy_host() -> ModuleType:
-    """scripts/comfy_host.py as a module (scripts/ is not a package and is not on sys.path)."""
-    name = "xipa_comfy_host"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "comfy_host.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def resolve_comfyui() -> Path:
-    """The ComfyUI directory (design.md section 4). Raises with a clear message; never skips."""
-    host = comfy_host()
+    """The ComfyUI directory (order in harness/comfy_host.py). Raises with a clear message; never skips."""
     try:
-        return host.resolve_comfyui()
-    except host.ComfyUINotFound as exc:
+        return comfy_host.resolve_comfyui()
+    except comfy_host.ComfyUINotFound as exc:
         raise RuntimeError(
             f"ComfyUI host tests need a ComfyUI: {exc}\n"
             "Run scripts/setup_env.sh, or set COMFYUI_PATH to a ComfyUI checkout.") from exc

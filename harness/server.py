@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from . import comfy_bootstrap
+from . import REPO_ROOT, comfy_bootstrap
 from .tiny_models import write_extra_model_paths
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class ComfyServer:
         link = custom_nodes / self.pack_name
         if link.is_symlink() or link.exists():
             link.unlink()
-        link.symlink_to(comfy_bootstrap.REPO_ROOT, target_is_directory=True)
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
         write_extra_model_paths(self.workdir / "extra_model_paths.yaml", self.models_dir, custom_nodes)
 
     def start(self) -> "ComfyServer":

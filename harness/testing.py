@@ -1,14 +1,16 @@
-"""pytest fixtures shared by tests/host and tests/e2e; the conftests import them by name.
+"""pytest helpers: the fixtures tests/host and tests/e2e import by name, and `require` for test dependencies.
 
-Environment knobs (tests only): ``COMFYUI_PATH`` (the host, design.md section 4), ``XIPA_MODELS_DIR``
-(where tiny models are generated, default .cache/models), ``XIPA_CLIP_VISION`` ("vit-h" default, or
-"vit-l": smaller and faster to encode).
+Only tests import this module (it imports pytest). Environment knobs (tests only): ``COMFYUI_PATH`` (the host,
+see harness/comfy_host.py), ``XIPA_MODELS_DIR`` (where tiny models are generated, default .cache/models),
+``XIPA_CLIP_VISION`` ("vit-l" default, or "vit-h"), ``CI`` (a missing test dependency fails instead of skipping).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -16,6 +18,28 @@ from . import comfy_bootstrap, tiny_models as _tiny
 from .server import ComfyServer
 
 log = logging.getLogger(__name__)
+
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def under_ci() -> bool:
+    """True when the ``CI`` environment variable is set to anything but an empty/false word."""
+    return os.environ.get("CI", "").strip().lower() not in FALSE_WORDS
+
+
+def require(module: str) -> ModuleType:
+    """Import `module` for a test that needs it. When it cannot be imported the test fails under CI (a check
+    that silently did not run is not a pass) and is skipped only on a developer machine without ``CI``.
+
+    Usable at module level (the whole file then fails or skips) and inside a test.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = f"{module} cannot be imported ({error}); scripts/setup_env.sh installs it"
+        if under_ci():
+            pytest.fail(f"{message} [CI is set: a missing test dependency fails]", pytrace=False)
+        pytest.skip(f"{message} [skipped: CI is not set]", allow_module_level=True)
 
 
 def mark_folder(items, folder: Path, marker: str) -> None:

@@ -4,7 +4,7 @@ Every tensor is filled here with a fixed seed (norm weights 1, norm biases 0, ot
 weights randn * std), saved as fp16 safetensors, and written only when missing (atomic rename), into
 ``<cache>/<ComfyUI model folder>/<file>``; the default cache is ``.cache/models/`` in the repo.
 
-Layouts (see ../../../shared/research/comfyui_host.md, section 2e):
+Layouts:
 
 - ``diffusion_models/tiny_sd15_unet.safetensors``: one-level SD1.5 UNet that ComfyUI's UNETLoader
   detects as SD15; 4 attn2 sites (input 1, middle 0, output 0, output 1), inner dim 320, context 768.
@@ -32,9 +32,10 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
+from . import REPO_ROOT
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "models"
 SEED = 20240917
 DTYPE = torch.float16
@@ -316,7 +317,7 @@ def generate(root: Path | str | None = None, clip_vision: str = "vit-h", force: 
 
 def write_extra_model_paths(yaml_path: Path | str, models_dir: Path | str, custom_nodes_dir: Path | str) -> Path:
     """extra_model_paths.yaml pointing ComfyUI's model folders at `models_dir` and loading the custom nodes
-    found in `custom_nodes_dir` (comfyui_host.md section 2f)."""
+    found in `custom_nodes_dir`."""
     models_dir, custom_nodes_dir = Path(models_dir).resolve(), Path(custom_nodes_dir).resolve()
     folders = ("checkpoints", "diffusion_models", "text_encoders", "clip_vision", "vae", "vae_approx", "ipadapter")
     # JSON strings are valid YAML scalars, so any path is quoted safely.
@@ -328,6 +329,3 @@ def write_extra_model_paths(yaml_path: Path | str, models_dir: Path | str, custo
     path.write_text("\n".join(lines) + "\n")
     return path
 
-
-if __name__ == "__main__":  # python -m is awkward for this folder: allow `python tests/support/tiny_models.py`
-    raise SystemExit("import this module through the test harness (see tests/support/__init__.py)")

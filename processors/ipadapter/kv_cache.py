@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..tensor_cache import TensorCache
 from .errors import IPAdapterInputError
 from .tokens import ImageTokens
 from .weights import IPAdapterModel
@@ -15,6 +16,9 @@ from .weights import IPAdapterModel
 EMBEDS_SCALING = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
 # The standard pack's C penalty divides the K width by 1280 (the widest SD1.5/SDXL attn2 inner dim).
 C_PENALTY_WIDTH = 1280.0
+# Sampling computes in one (device, dtype); two per site leave room for a second (e.g. a wrapped patch or a
+# preview at another precision) before the least recently used pair is dropped and rebuilt (one linear each).
+KV_PAIRS_PER_SITE = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,8 +31,6 @@ class SiteKVEntry:
     v_uncond: torch.Tensor
     out_scale: float
 
-
-SiteKV = SiteKVEntry
 
 
 def _mean_per_image(v: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
@@ -59,8 +61,10 @@ def scale_kv(k: torch.Tensor, v: torch.Tensor, weight: float, embeds_scaling: st
 class AdapterKVCache:
     """Lazily computes `to_k_ip`/`to_v_ip` of the image tokens per (site, device, dtype) and keeps them.
 
-    Reused across steps and CFG rows. Never mutates the model or the tokens (ComfyUI caches node outputs
-    and may share them between runs): K/V are fresh tensors, computed in float32 then cast.
+    Reused across steps and CFG rows until `release()` (the host calls it at the end of a sampling run and
+    when the model is unloaded) or `keep_device()` (the model moved). Never mutates the model or the tokens
+    (ComfyUI caches node outputs and may share them between runs): K/V are fresh tensors, computed in float32
+    then cast.
     """
 
     def __init__(self, model: IPAdapterModel, tokens: ImageTokens, site_weights: Sequence[float],
@@ -77,29 +81,23 @@ class AdapterKVCache:
         self.tokens = tokens
         self.site_weights = weights
         self.embeds_scaling = embeds_scaling
-        self._entries: dict[tuple[int, torch.device, torch.dtype], SiteKVEntry] = {}
+        self.store = TensorCache("image K/V", KV_PAIRS_PER_SITE * len(weights))
 
     def __deepcopy__(self, memo: dict) -> "AdapterKVCache":
         # Host option dicts get deep-copied; the cache is read-only state, so share it.
         return self
 
-    def is_active(self, site_index: int) -> bool:
-        """False when the site's weight is exactly 0: callers may skip its IP attention."""
-        return self.site_weights[site_index] != 0.0
+    def release(self) -> None:
+        """Free every cached K/V; they are recomputed where next asked for."""
+        self.store.clear()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
+    def keep_device(self, device: torch.device) -> None:
+        """Free the K/V cached on any other device (the model moved to `device`)."""
+        self.store.keep_device(device)
 
     def get(self, site_index: int, device: torch.device | str, dtype: torch.dtype) -> SiteKVEntry:
-        key = (site_index, torch.device(device), dtype)
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._compute(site_index, key[1], dtype)
-            self._entries[key] = entry
-        return entry
+        device = torch.device(device)
+        return self.store.get((site_index, device, dtype), lambda: self._compute(site_index, device, dtype))
 
     @torch.no_grad()
     def _compute(self, i: int, device: torch.device, dtype: torch.dtype) -> SiteKVEntry:

@@ -50,7 +50,7 @@ def test_one_projection_per_site_per_device_and_dtype():
         for _ in range(5):
             entry = cache.get(0, torch.device("cpu"), torch.float16)
     assert counter.count == 4 and entry.k_cond.dtype == torch.float16
-    assert cache.get(0, "cpu", torch.float16) is entry and len(cache) == len(WEIGHTS) + 1
+    assert cache.get(0, "cpu", torch.float16) is entry and len(cache.store) == len(WEIGHTS) + 1
 
 
 def _reference(model, toks, site, w, scaling):
@@ -118,11 +118,44 @@ def test_results_in_requested_dtype_close_to_fp32():
     torch.testing.assert_close(half.v_uncond.float(), ref.v_uncond, atol=2e-2, rtol=2e-2)
 
 
-def test_is_active_and_deepcopy_shares():
+def test_deepcopy_shares():
     model, toks = _setup()
     cache = AdapterKVCache(model, toks, WEIGHTS)
-    assert [cache.is_active(i) for i in range(3)] == [True, False, True]
     assert copy.deepcopy({"c": cache})["c"] is cache
+
+
+def test_release_frees_everything_and_recomputes_equal_values():
+    model, toks = _setup()
+    cache = AdapterKVCache(model, toks, WEIGHTS, "K+V")
+    before = cache.get(1, "cpu", torch.float32)
+    kept = before.k_cond.clone()
+    cache.release()
+    assert len(cache.store) == 0 and cache.store.tensors() == []
+    with CountLinear() as counter:
+        again = cache.get(1, "cpu", torch.float32)
+    assert again is not before and counter.count == 4
+    assert torch.equal(again.k_cond, kept)
+
+
+def test_keep_device_drops_other_devices_only():
+    model, toks = _setup()
+    cache = AdapterKVCache(model, toks, WEIGHTS)
+    cpu_entry = cache.get(0, "cpu", torch.float32)
+    cache.keep_device(torch.device("cpu"))  # the model stays here: nothing to rebuild
+    assert cache.get(0, "cpu", torch.float32) is cpu_entry
+    cache.keep_device(torch.device("meta"))  # the model moved elsewhere: CPU copies go
+    assert len(cache.store) == 0
+
+
+def test_bounded_to_two_device_dtype_pairs_per_site():
+    model, toks = _setup()
+    cache = AdapterKVCache(model, toks, WEIGHTS)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for site in range(len(WEIGHTS)):
+            cache.get(site, "cpu", dtype)
+    assert len(cache.store) == 2 * len(WEIGHTS)
+    held = {(t.dtype, t.shape) for t in cache.store.tensors()}
+    assert {dtype for dtype, _ in held} == {torch.bfloat16, torch.float64}  # the least recently used went
 
 
 @pytest.mark.parametrize("weights,scaling,message", [

@@ -21,6 +21,7 @@ from ..processors.weight_types import WEIGHT_TYPES, block_weight
 from .patch import ALWAYS, AdapterApplication, IPAdapterAttn2Patch
 from .sites import Attn2Site, attn2_sites, transformer_count
 from .types import CATEGORY, AttentionOp, XformersIPAdapter
+from .validation import ValidatesCombos
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ WEIGHT_TYPE_TOOLTIP = (
 )
 
 
-class ApplyXformersIPAdapterAttention(io.ComfyNode):
+class ApplyXformersIPAdapterAttention(ValidatesCombos, io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

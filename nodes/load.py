@@ -10,11 +10,18 @@ from comfy_api.latest import io
 from ..processors.ipadapter import load_ipadapter_file
 from .folders import FOLDER
 from .types import CATEGORY, XformersIPAdapter
+from .validation import ValidatesCombos, require_choice
 
 logger = logging.getLogger(__name__)
 
 
-class LoadXformersIPAdapter(io.ComfyNode):
+FILE_HINT = ("a file in models/ipadapter or an ipadapter path of extra_model_paths.yaml; put the file there, "
+             "then press R in the UI or restart")
+
+
+class LoadXformersIPAdapter(ValidatesCombos, io.ComfyNode):
+    COMBO_HINTS = {"ipadapter_file": FILE_HINT}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -33,6 +40,8 @@ class LoadXformersIPAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter_file: str) -> io.NodeOutput:
+        # a linked value is unknown at validation; a wrong type would fail deep in os.path.join
+        require_choice("ipadapter_file", ipadapter_file, folder_paths.get_filename_list(FOLDER), FILE_HINT)
         path = folder_paths.get_full_path_or_raise(FOLDER, ipadapter_file)
         model = load_ipadapter_file(path)
         logger.info("loaded %s", model.describe())

@@ -12,6 +12,7 @@ from ..processors.backends import AttentionOpConfig
 from ..processors.bias import aligned_bias
 from .patch import MODEL_OP_KEY
 from .types import CATEGORY, AttentionOp
+from .validation import ValidatesCombos
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def make_override(config: AttentionOpConfig):
     return override
 
 
-class PatchXformersModelAttention(io.ComfyNode):
+class PatchXformersModelAttention(ValidatesCombos, io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..processors import backends
 from ..processors.backends import MASK_MODES, ON_UNSUPPORTED, OP_CHOICES, AttentionOpConfig
 from .types import CATEGORY, AttentionOp
+from .validation import ValidatesCombos
 
 OP_TOOLTIP = (
     "Attention operator for the IP-Adapter (and, through Patch Model Attention, the whole model). "
@@ -17,7 +18,7 @@ OP_TOOLTIP = (
 )
 
 
-class SelectXformersAttentionOp(io.ComfyNode):
+class SelectXformersAttentionOp(ValidatesCombos, io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -18,8 +18,8 @@ PIP=("$PY" -m pip install -qq --disable-pip-version-check)
 
 echo "setup_env: torch stack (requirements-torch.txt)"
 "${PIP[@]}" -r requirements-torch.txt
-echo "setup_env: xformers (no deps, so torch is never replaced)"
-"${PIP[@]}" --no-deps xformers==0.0.35
+echo "setup_env: xformers (requirements-xformers.txt; no deps, so torch is never replaced)"
+"${PIP[@]}" --no-deps -r requirements-xformers.txt
 echo "setup_env: test dependencies (requirements-dev.txt)"
 "${PIP[@]}" -r requirements-dev.txt -c requirements-torch.txt
 echo "setup_env: ComfyUI host and its requirements"

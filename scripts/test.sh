@@ -7,10 +7,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup_env.sh
-if [ -f package.json ]; then
-    echo "test: npm ci (browser driver and JS test dependencies)"
-    npm ci --silent --no-audit --no-fund
-fi
 if ls tests/js/*.test.mjs >/dev/null 2>&1; then
     echo "test: widget logic (node --test)"
     node --test tests/js/

@@ -71,7 +71,7 @@ def _negative_embeds(model: IPAdapterModel, encode: Encoder, image: torch.Tensor
                      image_negative: torch.Tensor | None, positive: torch.Tensor) -> torch.Tensor:
     """The original IP-Adapter's uncond: zero embeddings, or CLIP hidden states of a black image."""
     if image_negative is not None:
-        check_image_batch(image_negative, "image_negative")
+        image_negative = check_image_batch(image_negative, "image_negative")
         return validate_clip_output(model.info, encode(image_negative)).float()
     if model.info.clip_output == "image_embeds":
         return torch.zeros_like(positive)
@@ -97,7 +97,7 @@ def image_tokens(model: IPAdapterModel, encode: Encoder, image: torch.Tensor,
     repeated) to n images so both rows have the same length; other modes keep one negative image,
     as the standard pack does.
     """
-    check_image_batch(image, "image")
+    image = check_image_batch(image, "image")
     check_combine(combine)
     positive = validate_clip_output(model.info, encode(image)).float()
     negative = _negative_embeds(model, encode, image, image_negative, positive)

@@ -1,6 +1,7 @@
 """Checks that an IP-Adapter fits the diffusion model and the CLIP vision output, with fix-it messages."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -8,6 +9,8 @@ import torch
 
 from .detection import AdapterInfo, base_model_name, clip_encoder_name
 from .errors import IPAdapterInputError, IPAdapterMismatchError
+
+logger = logging.getLogger(__name__)
 
 CLIP_OUTPUTS = ("image_embeds", "penultimate_hidden_states")
 _ENCODER_FILES = {"ViT-L": "CLIP-ViT-L-14", "ViT-H": "CLIP-ViT-H-14", "ViT-bigG": "CLIP-ViT-bigG-14"}
@@ -65,10 +68,21 @@ def _family(width: int, kind: str) -> str:
     return clip_encoder_name(width, kind) or "an unusual encoder"
 
 
-def check_image_batch(image: torch.Tensor | None, label: str = "image") -> None:
-    """An IMAGE input must be a non-empty [B, H, W, C] batch."""
+def check_image_batch(image: torch.Tensor | None, label: str = "image") -> torch.Tensor:
+    """An IMAGE input must be a non-empty [B, H, W, C] batch of floats in 0..1; returned as float32.
+
+    IMAGE is float32 by ComfyUI's convention, and the host's CLIP preprocessing (bicubic resize) has no
+    half-precision CPU kernel: an fp16/bf16 image from another node is cast here (lossless), not refused.
+    """
     if image is None or not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] == 0:
         raise IPAdapterInputError(f"{label} batch is empty: connect at least one image")
+    if not image.is_floating_point():
+        raise IPAdapterInputError(f"{label} has dtype {image.dtype}; an IMAGE holds floats in 0..1 (float32): "
+                                  "convert it with the node that produced it")
+    if image.dtype != torch.float32:
+        logger.debug("%s: %s IMAGE cast to float32 for CLIP vision", label, image.dtype)
+        image = image.float()
+    return image
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

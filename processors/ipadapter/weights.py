@@ -21,6 +21,8 @@ from .projection import PROJECTION_CLASSES, projection_config
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+# The dtypes the releases use and the K/V cache computes from (it upcasts to float32).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Prefixes of flat files; `adapter_modules.` and `image_proj_model.` are the training-checkpoint names.
 _PREFIXES: dict[str, str] = {
     "image_proj.": "image_proj",
@@ -75,7 +77,22 @@ def normalize_layout(sd: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]
         bad = [k for k, v in nested[part].items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise IPAdapterFileError(f"'{part}.{bad[0]}' is not a tensor")
+        _check_dtypes(part, nested[part])
     return {"image_proj": nested["image_proj"], "ip_adapter": nested["ip_adapter"]}
+
+
+def _check_dtypes(part: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse quantized or integer weights by name, before strict loading reports them as a shape mismatch."""
+    for key, t in tensors.items():
+        if t.dtype not in WEIGHT_DTYPES:
+            raise IPAdapterFileError(
+                f"'{part}.{key}' has dtype {_dtype_name(t.dtype)}; IP-Adapter weights must be "
+                f"{', '.join(_dtype_name(d) for d in WEIGHT_DTYPES)} (quantized files are not supported): "
+                "use the original float release of this IP-Adapter")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _check_finite(nested: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -145,7 +162,9 @@ def _read_tensors(path: Path) -> Mapping[str, Any]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise IPAdapterFileError(f"{path.name}: not a readable safetensors file ({exc})") from exc
+            raise IPAdapterFileError(
+                f"{path.name} ({path.stat().st_size} bytes) could not be read as safetensors ({exc}): the file is "
+                "truncated (an interrupted download?) or not a safetensors file; re-download it") from exc
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code references, RuntimeError for bad archives

@@ -18,7 +18,7 @@ from ..processors.ipadapter import (COMBINE_EMBEDS, EMBEDS_SCALING, AdapterKVCac
                                     validate_against_sites)
 from ..processors.masks import check_mask
 from ..processors.weight_types import WEIGHT_TYPES, block_weight
-from .patch import ALWAYS, AdapterApplication, IPAdapterAttn2Patch
+from .patch import ALWAYS, AdapterApplication, IPAdapterAttn2Patch, release_caches_with_model
 from .sites import Attn2Site, attn2_sites, transformer_count
 from .types import CATEGORY, AttentionOp, XformersIPAdapter
 from .validation import ValidatesCombos
@@ -163,4 +163,5 @@ def install(model, sites: list[Attn2Site], application: AdapterApplication):
         patched.set_model_attn2_replace(patch, *site.key)
     if CALLBACK_KEY not in patched.callbacks.get(CallbacksMP.ON_PRE_RUN, {}):
         patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, lambda _: backends.begin_run())
+    release_caches_with_model(patched)  # the adapters' caches follow the model: freed after runs and on unload
     return patched

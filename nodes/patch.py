@@ -15,11 +15,13 @@ from typing import Any, Callable, Optional
 
 import torch
 from comfy.ldm.modules.attention import get_attn_precision
+from comfy.patcher_extension import CallbacksMP
 
 from ..processors.backends import AttentionOpConfig
 from ..processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 from ..processors.ipadapter import AdapterKVCache
 from ..processors.masks import mask_to_tokens
+from ..processors.tensor_cache import TensorCache, same_device
 from .sites import Attn2Site
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,23 @@ MODEL_OP_KEY = "xformers_ipadapter_attention_op"
 ALWAYS = (float("inf"), float("-inf"))
 
 
+# Bounds of the layout-keyed caches (see docs/architecture.md, "Memory"). A sampling run meets one or two batch
+# layouts per site (cond and uncond batched together, or apart when memory is short) and a few more with area
+# conds, PerpNeg or DualCFG; four per site hold those without rebuilding. A UNet has at most four token grids
+# per latent size (SD1.5: 1/8 to 1/64 of the image; SDXL fewer), so 16 masks cover four grids in four layouts.
+# A run that cycles through more rebuilds (one torch.cat, one interpolate) instead of growing.
+ROW_LAYOUTS_PER_SITE = 4
+MASK_ENTRIES = 16
+
+
 @dataclass(eq=False)
 class AdapterApplication:
     """One Apply node's adapter: image K/V per site, per-site weights, window, mask and operator.
 
-    Read-only after construction except for caches (assembled K/V rows, resized masks, the current step's
-    window decision), which depend only on inputs and are shared by clones on purpose.
+    Read-only after construction except for caches (image K/V, assembled K/V rows, resized masks, the
+    current step's window decision), which depend only on inputs and are shared by clones on purpose. The
+    caches hold only what is cheap to rebuild: `release()` frees them (end of a run, model unloaded) and
+    `keep_device()` drops what is on another device (model moved).
     """
 
     kv: AdapterKVCache
@@ -43,12 +56,31 @@ class AdapterApplication:
     mask: Optional[torch.Tensor] = None  # [Bm, H, W] float
     config: Optional[AttentionOpConfig] = None
     label: str = "IP-Adapter"
-    _rows: dict = field(default_factory=dict, repr=False)
-    _masks: dict = field(default_factory=dict, repr=False)
+    _rows: TensorCache = field(init=False, repr=False)
+    _masks: TensorCache = field(init=False, repr=False)
     _step: list = field(default_factory=lambda: [None, True], repr=False)  # [sigmas tensor, active]
+
+    def __post_init__(self) -> None:
+        self._rows = TensorCache("K/V rows", ROW_LAYOUTS_PER_SITE * len(self.swaps))
+        self._masks = TensorCache("masks", MASK_ENTRIES)
 
     def __deepcopy__(self, memo: dict) -> "AdapterApplication":
         return self
+
+    def release(self) -> None:
+        """Free every cached tensor (and the step's sigmas); all are rebuilt where next needed."""
+        self.kv.release()
+        self._rows.clear()
+        self._masks.clear()
+        self._step[:] = [None, True]
+
+    def keep_device(self, device: torch.device) -> None:
+        """The model moved to `device`: free what is cached anywhere else."""
+        self.kv.keep_device(device)
+        self._rows.keep_device(device)
+        self._masks.keep_device(device)
+        if self._step[0] is not None and not same_device(self._step[0].device, device):
+            self._step[:] = [None, True]
 
     def active_at(self, extra_options: dict) -> bool:
         """In the start/end window? One host sync per sampling step at most (not per call), none when the
@@ -64,34 +96,36 @@ class AdapterApplication:
             self._step[:] = [sigmas, end <= sigma <= start]
         return self._step[1]
 
-    def branch(self, site: Attn2Site, q: torch.Tensor, extra_options: dict) -> Optional[IPBranch]:
+    def branch(self, site: Attn2Site, q: torch.Tensor, extra_options: dict,
+               dtype: Optional[torch.dtype] = None) -> Optional[IPBranch]:
+        """This adapter's image attention at `site` for these queries, or None when it adds nothing. K/V, the
+        per-row scale and the mask come cached in `dtype` (the processor's compute dtype; default q's), so
+        nothing is cast per call."""
         weight = self.kv.site_weights[site.index]
         if weight == 0.0 or not self.active_at(extra_options):
             return None
-        rows = self._row_kv(site, q, tuple(extra_options.get("cond_or_uncond") or (0,)))
+        dtype = q.dtype if dtype is None else dtype
+        chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
+        batch = q.shape[0]
+        # None (nothing to add for this layout) is cached too
+        rows = self._rows.get((site.index, q.device, dtype, chunks, batch),
+                              lambda: self._assemble(site, q.device, dtype, chunks, batch))
         if rows is None:
             return None
         k, v, scale = rows
-        return IPBranch(k, v, scale, self._row_mask(site, q, extra_options))
+        return IPBranch(k, v, scale, self._row_mask(q, extra_options, dtype))
 
-    def _row_kv(self, site: Attn2Site, q: torch.Tensor, chunks: tuple):
+    def _assemble(self, site: Attn2Site, device: torch.device, dtype: torch.dtype, chunks: tuple, batch: int):
         """K/V per batch row: chunk c of `cond_or_uncond` is negative when c == 1, positive otherwise."""
-        batch = q.shape[0]
-        key = (site.index, q.device, q.dtype, chunks, batch)
-        if key not in self._rows:  # None (nothing to add for this layout) is cached too
-            self._rows[key] = self._assemble(site, q, chunks, batch)
-        return self._rows[key]
-
-    def _assemble(self, site: Attn2Site, q: torch.Tensor, chunks: tuple, batch: int):
-        entry = self.kv.get(site.index, q.device, q.dtype)
+        entry = self.kv.get(site.index, device, dtype)
         per_chunk = batch // len(chunks)
         negative = [c == 1 for c in chunks]
         if self.swaps[site.index]:
             # precise modes: negative rows get the image, positive rows nothing
             if not any(negative):
                 return None
-            scale = torch.tensor([entry.out_scale if n else 0.0 for n in negative], device=q.device,
-                                 dtype=torch.float32).repeat_interleave(per_chunk)
+            scale = torch.tensor([entry.out_scale if n else 0.0 for n in negative], device=device,
+                                 dtype=dtype).repeat_interleave(per_chunk)
             return entry.k_cond, entry.v_cond, scale
         if all(negative) or not any(negative):
             k, v = (entry.k_uncond, entry.v_uncond) if negative[0] else (entry.k_cond, entry.v_cond)
@@ -100,21 +134,23 @@ class AdapterApplication:
         v = torch.cat([(entry.v_uncond if n else entry.v_cond).expand(per_chunk, -1, -1) for n in negative])
         return k, v, entry.out_scale
 
-    def _row_mask(self, site: Attn2Site, q: torch.Tensor, extra_options: dict) -> Optional[torch.Tensor]:
+    def _row_mask(self, q: torch.Tensor, extra_options: dict, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The mask on this block's token grid, one row per batch row, in `dtype`; values as given (check_mask
+        bounds them once at the node)."""
         if self.mask is None:
             return None
         grid = _token_grid(q.shape[1], extra_options)
         chunks = len(extra_options.get("cond_or_uncond") or (0,))
-        key = (grid, q.device, q.shape[0], chunks)
-        cached = self._masks.get(key)
-        if cached is None:
-            tokens = mask_to_tokens(self.mask.to(q.device), grid)  # [Bm, Mq]
-            per_chunk = q.shape[0] // chunks
-            if tokens.shape[0] > 1:  # one mask per latent in the batch: trim or repeat the last
-                index = torch.arange(per_chunk, device=q.device).clamp(max=tokens.shape[0] - 1)
-                tokens = tokens[index].repeat(chunks, 1)
-            cached = self._masks[key] = tokens
-        return cached
+        return self._masks.get((grid, q.device, dtype, q.shape[0], chunks),
+                               lambda: self._resize_mask(grid, q.device, dtype, q.shape[0] // chunks, chunks))
+
+    def _resize_mask(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype, per_chunk: int,
+                     chunks: int) -> torch.Tensor:
+        tokens = mask_to_tokens(self.mask.to(device), grid)  # [Bm, Mq]
+        if tokens.shape[0] > 1:  # one mask per latent in the batch: trim or repeat the last
+            index = torch.arange(per_chunk, device=device).clamp(max=tokens.shape[0] - 1)
+            tokens = tokens[index].repeat(chunks, 1)
+        return tokens.to(dtype)
 
 
 def _token_grid(q_len: int, extra_options: dict) -> tuple[int, int]:
@@ -157,10 +193,20 @@ class IPAdapterAttn2Patch:
         return IPAdapterAttn2Patch(self.site, self.applications + (application,), self.wrapped)
 
     def __deepcopy__(self, memo: dict) -> "IPAdapterAttn2Patch":
-        return self  # immutable; shares the adapter weights and caches
+        # Immutable, so clones share it with its adapters' weights and caches. Those caches follow whichever
+        # clone ComfyUI moves or unloads: what one drops, the others rebuild where they next run.
+        return self
 
     def to(self, device_or_dtype: Any) -> "IPAdapterAttn2Patch":
-        """ComfyUI moves patches with the model; K/V are made lazily per device and dtype, so nothing moves."""
+        """ComfyUI's `ModelPatcher.model_patches_to`: the load device then the model dtype when it loads the
+        model, the offload device when it unloads it; it stores what this returns. Cached tensors on any other
+        device than the one given are dropped, not moved: they are rebuilt cheaply where sampling runs, and a
+        copy on the offload device would only take RAM. A dtype changes nothing: the caches are keyed by the
+        compute dtype, which is not the model's storage dtype (fp32 attention precision, manual cast)."""
+        if not isinstance(device_or_dtype, torch.dtype):
+            device = torch.device(device_or_dtype)
+            for application in self.applications:
+                application.keep_device(device)
         if self.wrapped is not None and hasattr(self.wrapped, "to"):
             wrapped = self.wrapped.to(device_or_dtype)
             if wrapped is not self.wrapped:
@@ -196,3 +242,30 @@ class IPAdapterAttn2Patch:
                                        attn_precision=extra_options.get("attn_precision"),
                                        transformer_options=extra_options)
         return None
+
+RELEASE_KEY = "xformers_ipadapter_release_caches"
+
+
+def applications_in(patcher) -> list[AdapterApplication]:
+    """Every adapter applied to this ModelPatcher (once each, in the order the patches hold them)."""
+    attn2 = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    unique: dict[int, AdapterApplication] = {}
+    for patch in attn2.values():
+        if getattr(patch, "is_xformers_ipadapter_patch", False):
+            unique.update((id(a), a) for a in patch.applications)
+    return list(unique.values())
+
+
+def release_caches(patcher, *_: Any) -> None:
+    """Free what the patcher's adapters cached: called at the end of every sampling run (ON_CLEANUP) and when
+    ComfyUI unloads the model (ON_DETACH). The next run rebuilds K/V once per site, rows and masks once per
+    layout: a few small matmuls, against the memory kept across runs otherwise."""
+    for application in applications_in(patcher):
+        application.release()
+
+
+def release_caches_with_model(patcher) -> None:
+    """Register `release_caches` on the patcher (once; clones inherit ComfyUI callbacks)."""
+    for event in (CallbacksMP.ON_CLEANUP, CallbacksMP.ON_DETACH):
+        if RELEASE_KEY not in patcher.callbacks.get(event, {}):
+            patcher.add_callback_with_key(event, RELEASE_KEY, release_caches)

@@ -10,10 +10,12 @@ import logging
 from aiohttp import web
 
 from ..processors import backends
+from ..processors.tensor_cache import cache_stats
 
 logger = logging.getLogger(__name__)
 
 ROUTE = "/xformers_ipadapter/ops"
+MEMORY_ROUTE = "/xformers_ipadapter/memory"
 _cached: dict | None = None
 
 
@@ -32,6 +34,12 @@ async def get_ops(request: web.Request) -> web.Response:
     return web.json_response(ops_report(refresh), headers={"Cache-Control": "no-store"})
 
 
+async def get_memory(request: web.Request) -> web.Response:
+    """Read-only: what the pack's caches hold now (processors.tensor_cache.cache_stats), for users and tests."""
+    return web.json_response(cache_stats(), headers={"Cache-Control": "no-store"})
+
+
 def register(server) -> None:
-    """Add the route to ComfyUI's PromptServer (its routes are mounted at / and /api)."""
+    """Add the routes to ComfyUI's PromptServer (its routes are mounted at / and /api)."""
     server.routes.get(ROUTE)(get_ops)
+    server.routes.get(MEMORY_ROUTE)(get_memory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,9 +47,79 @@ def _inner_iterations(fn: Callable[[], object], device: str, target_s: float = 2
     return max(1, min(200, int(target_s / once)))
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """A median with a distribution-free 95 % confidence interval (order statistics of the samples)."""
+
+    value: float
+    low: float
+    high: float
+    samples: int
+
+    @property
+    def noise(self) -> float:
+        """Half-width of the interval, on the side where it is wider (the figure printed after '±')."""
+        return max(self.value - self.low, self.high - self.value)
+
+    def excludes(self, reference: float) -> bool:
+        """Whether the interval lies wholly on one side of `reference` (e.g. 1.0 for a ratio)."""
+        return reference < self.low or reference > self.high
+
+    def text(self, spec: str = ".2f") -> str:
+        return f"{self.value:{spec}} ±{self.noise:{spec}}"
+
+    def as_dict(self) -> dict:
+        return {"median": self.value, "ci95": [self.low, self.high], "samples": self.samples}
+
+
+def _median_rank_margin(n: int, level: float) -> int:
+    """Largest l >= 1 with P(Binomial(n, 1/2) <= l - 1) <= (1 - level) / 2, or 0 when n is too small.
+
+    The interval [x_(l), x_(n-l+1)] of the sorted samples then covers the true median with probability
+    >= level, whatever the distribution (the usual sign-test interval)."""
+    alpha = (1.0 - level) / 2
+    cumulative, margin = 0.0, 0
+    for l in range(1, n // 2 + 1):
+        cumulative += math.comb(n, l - 1) / 2 ** n
+        if cumulative > alpha:
+            break
+        margin = l
+    return margin
+
+
+def estimate(values: Sequence[float], level: float = 0.95) -> Estimate:
+    ordered = sorted(values)
+    margin = _median_rank_margin(len(ordered), level)
+    if margin == 0:  # too few samples for the level: the full range, reported as such
+        return Estimate(statistics.median(ordered), ordered[0], ordered[-1], len(ordered))
+    return Estimate(statistics.median(ordered), ordered[margin - 1], ordered[-margin], len(ordered))
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each variant, one sample per interleaved round (sample i of every variant comes
+    from the same round, so a ratio is taken per round: a load change on the shared machine hits both)."""
+
+    samples: dict[str, list[float]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.samples
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.samples[name])
+
+    def ratio(self, numerator: str, denominator: str) -> Estimate:
+        pairs = zip(self.samples[numerator], self.samples[denominator])
+        return estimate([a / b for a, b in pairs])
+
+    def medians(self) -> dict[str, float]:
+        return {name: self.median(name) for name in self.samples}
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s: float,
-                     min_repeats: int = 5, max_repeats: int = 100) -> dict[str, float]:
-    """Median seconds per call of each fn, sampled round-robin so load changes hit every variant alike."""
+                     min_repeats: int = 9, max_repeats: int = 100) -> Timings:
+    """Every fn sampled round-robin (so load changes hit every variant alike), enough rounds to fill
+    `budget_s` and at least `min_repeats` (9 rounds give a 95 % interval of the median: ranks 2 and 8)."""
     inner = {}
     for name, fn in fns.items():
         fn()  # warm-up (resolution caches, allocator)
@@ -61,16 +132,44 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s
     sync(device)
     one_round = max(time.perf_counter() - start, 1e-6)
     repeats = int(min(max_repeats, max(min_repeats, budget_s / one_round)))
+    return time_rounds(fns, device, repeats, inner)
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], device: str, repeats: int,
+                inner: Optional[dict[str, int]] = None) -> Timings:
+    """`repeats` interleaved rounds of already warm fns; `inner` calls per sample (default 1)."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            calls = (inner or {}).get(name, 1)
             sync(device)
             t0 = time.perf_counter()
-            for _ in range(inner[name]):
+            for _ in range(calls):
                 fn()
             sync(device)
-            samples[name].append((time.perf_counter() - t0) / inner[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+            samples[name].append((time.perf_counter() - t0) / calls)
+    return Timings(samples)
+
+
+def bootstrap_comfy(device: str, extra_args: Sequence[str] = ()) -> None:
+    """ComfyUI importable in this process: `--cpu` (plus `extra_args`) on CPU, its default device otherwise."""
+    from harness import comfy_bootstrap
+
+    if device == "cpu":
+        comfy_bootstrap.bootstrap(extra_args=tuple(extra_args))
+        return
+    path = str(comfy_bootstrap.resolve_comfyui())  # the harness bootstrap always passes --cpu
+    if "comfy.cli_args" in sys.modules:
+        return
+    sys.path.insert(0, path)
+    saved, sys.argv = sys.argv, [sys.argv[0], *extra_args]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses sys.argv once, here)
+    finally:
+        sys.argv = saved
 
 
 def peak_memory_mib(fn: Callable[[], object], device: str) -> Optional[float]:

@@ -6,19 +6,15 @@ import logging
 import math
 from typing import Optional
 
-import comfy.model_management
-import torch
-from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
-from ..processors import backends
 from ..processors.backends import AttentionOpConfig
-from ..processors.bias import aligned_bias
-from ..processors.ipadapter import (COMBINE_EMBEDS, EMBEDS_SCALING, AdapterKVCache, IPAdapterModel, image_tokens,
-                                    validate_against_sites)
+from ..processors.ipadapter import (COMBINE_EMBEDS, EMBEDS_SCALING, AdapterKVCache, IPAdapterModel, base_model_name,
+                                    image_tokens, validate_against_sites)
 from ..processors.masks import check_mask
 from ..processors.weight_types import WEIGHT_TYPES, block_weight
 from .patch import ALWAYS, AdapterApplication, IPAdapterAttn2Patch, release_caches_with_model
+from .planning import check_operator, start_run_log
 from .sites import Attn2Site, attn2_sites, transformer_count
 from .types import CATEGORY, AttentionOp, XformersIPAdapter
 from .validation import ValidatesCombos
@@ -90,9 +86,9 @@ class ApplyXformersIPAdapterAttention(ValidatesCombos, io.ComfyNode):
         _check_scalars(ipadapter, weight, start_at, end_at, attention_op)
         mask = check_mask(attn_mask) if attn_mask is not None else None
         sites = attn2_sites(model)
-        validate_against_sites(ipadapter.info, [s.spec() for s in sites], "the model")
-        if attention_op is not None and attention_op.on_unsupported == "error":
-            check_operator(attention_op, sites, model, mask is not None)
+        validate_against_sites(ipadapter.info, sites, "the model")
+        if attention_op is not None:
+            check_operator(attention_op, model, masked=mask is not None)
         tokens = image_tokens(ipadapter, lambda pixels: clip_vision.encode_image(pixels), image, image_negative,
                               combine_embeds)
         weights = _block_weights(model, sites, weight_type, weight, ipadapter.info.cross_attention_dim)
@@ -123,7 +119,7 @@ def _check_scalars(ipadapter, weight: float, start_at: float, end_at: float, att
 
 def _block_weights(model, sites: list[Attn2Site], weight_type: str, weight: float, context_dim: int):
     layers = transformer_count(model)
-    sdxl = context_dim == 2048
+    sdxl = base_model_name(context_dim) == "SDXL"
     return [block_weight(weight_type, weight, s.transformer_index, layers, s.block, sdxl) for s in sites]
 
 
@@ -132,22 +128,6 @@ def _sigma_window(model, start_at: float, end_at: float) -> tuple[float, float]:
         return ALWAYS
     sampling = model.get_model_object("model_sampling")
     return float(sampling.percent_to_sigma(start_at)), float(sampling.percent_to_sigma(end_at))
-
-
-def compute_dtype(model) -> torch.dtype:
-    return model.get_model_object("manual_cast_dtype") or model.model.get_dtype()
-
-
-def check_operator(config: AttentionOpConfig, sites: list[Attn2Site], model, masked: bool) -> None:
-    """With on_unsupported = error, fail here (not deep in the sampler) if the op cannot run this model."""
-    device, dtype = comfy.model_management.get_torch_device(), compute_dtype(model)
-    for heads, dim_head in sorted({(s.heads, s.dim_head) for s in sites}):
-        q = torch.zeros(2, 64, heads, dim_head, device=device, dtype=dtype)
-        k = torch.zeros(2, 77, heads, dim_head, device=device, dtype=dtype)
-        bias = None
-        if masked and config.mask_mode == "attention bias":
-            bias = aligned_bias(torch.zeros(1, 1, 64, 77), (2, heads, 64, 77), dtype, device)
-        backends.resolve_uncached(config.op, q, k, k, bias, "error")
 
 
 def install(model, sites: list[Attn2Site], application: AdapterApplication):
@@ -161,7 +141,6 @@ def install(model, sites: list[Attn2Site], application: AdapterApplication):
         else:
             patch = IPAdapterAttn2Patch(site, (application,), wrapped=current)
         patched.set_model_attn2_replace(patch, *site.key)
-    if CALLBACK_KEY not in patched.callbacks.get(CallbacksMP.ON_PRE_RUN, {}):
-        patched.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CALLBACK_KEY, lambda _: backends.begin_run())
+    start_run_log(patched)
     release_caches_with_model(patched)  # the adapters' caches follow the model: freed after runs and on unload
     return patched

@@ -9,6 +9,7 @@ models (cached by ComfyUI) keep their behaviour.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -167,15 +168,12 @@ def _token_grid(q_len: int, extra_options: dict) -> tuple[int, int]:
                      f"{height}x{width} latent")
 
 
-_processors: dict[Optional[AttentionOpConfig], XFormersIPAdapterAttnProcessor] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def processor_for(config: Optional[AttentionOpConfig]) -> XFormersIPAdapterAttnProcessor:
-    """One engine per distinct operator config (it keeps per-signature plans)."""
-    processor = _processors.get(config)
-    if processor is None:
-        processor = _processors[config] = XFormersIPAdapterAttnProcessor(config)
-    return processor
+    """One engine per distinct operator config (its planner keeps the per-signature plans). Bounded: there are
+    few configs in a process (12 ops x 2 x 2 x 2 options), and an engine holds only what its callers' cached
+    tensors derive, which goes with them."""
+    return XFormersIPAdapterAttnProcessor(config)
 
 
 class IPAdapterAttn2Patch:
@@ -222,12 +220,14 @@ class IPAdapterAttn2Patch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        branches = [b for b in (a.branch(self.site, q, extra_options) for a in self.applications) if b is not None]
+        precision = get_attn_precision(extra_options.get("attn_precision"), q.dtype)
+        compute = torch.float32 if precision == torch.float32 else q.dtype  # cached K/V come in this dtype
+        branches = [b for b in (a.branch(self.site, q, extra_options, compute) for a in self.applications)
+                    if b is not None]
         config = self.config(extra_options)
         base = self._base(q, k, v, extra_options, config)
         if base is not None and not branches:
             return base
-        precision = get_attn_precision(extra_options.get("attn_precision"), q.dtype)
         return processor_for(config)(q, k, v, heads, branches, precision=precision, base=base)
 
     def _base(self, q, k, v, extra_options: dict, config) -> Optional[torch.Tensor]:
@@ -242,6 +242,7 @@ class IPAdapterAttn2Patch:
                                        attn_precision=extra_options.get("attn_precision"),
                                        transformer_options=extra_options)
         return None
+
 
 RELEASE_KEY = "xformers_ipadapter_release_caches"
 

@@ -7,25 +7,21 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..processors import backends
 from ..processors.backends import AttentionOpConfig
 from ..processors.bias import aligned_bias
+from ..processors.layout import host_heads_view
+from ..processors.planner import Planner
 from .patch import MODEL_OP_KEY
+from .planning import check_operator, start_run_log
 from .types import CATEGORY, AttentionOp
 from .validation import ValidatesCombos
 
 logger = logging.getLogger(__name__)
 
 
-def _to_heads(x: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """ComfyUI's [B, N, H*D] (or [B, H, N, D] with skip_reshape) as a BMHK view."""
-    if skip_reshape:
-        return x.transpose(1, 2)
-    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads)
-
-
 def make_override(config: AttentionOpConfig):
-    """An `optimized_attention_override` running ComfyUI's attention calls through our operator registry."""
+    """An `optimized_attention_override` running ComfyUI's attention calls through the planner."""
+    planner = Planner(config)
 
     def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
@@ -36,12 +32,12 @@ def make_override(config: AttentionOpConfig):
         out_dtype = q.dtype
         if attn_precision == torch.float32 and q.dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        q4, k4, v4 = (_to_heads(t, heads, skip_reshape) for t in (q, k, v))
+        q4, k4, v4 = (host_heads_view(t, heads, skip_reshape) for t in (q, k, v))
         bias = None
         if mask is not None:
             shape = (q4.shape[0], q4.shape[2], q4.shape[1], k4.shape[1])
             bias = aligned_bias(mask, shape, q4.dtype, q4.device)
-        out = backends.attention(q4, k4, v4, bias, op=config.op, on_unsupported=config.on_unsupported)
+        out = planner.attention(q4, k4, v4, bias)
         if skip_output_reshape:
             return out.transpose(1, 2).to(out_dtype)
         return out.reshape(out.shape[0], out.shape[1], -1).to(out_dtype)
@@ -70,14 +66,11 @@ class PatchXformersModelAttention(ValidatesCombos, io.ComfyNode):
     def execute(cls, model, attention_op: AttentionOpConfig) -> io.NodeOutput:
         if not isinstance(attention_op, AttentionOpConfig):
             raise TypeError("attention_op must come from Select Attention Op")
-        if attention_op.on_unsupported == "error" and attention_op.op != "auto":
-            from .apply import check_operator
-            from .sites import attn2_sites
-
-            check_operator(attention_op, attn2_sites(model), model, masked=False)
+        check_operator(attention_op, model, adapters=0)
         patched = model.clone()
         options = patched.model_options.setdefault("transformer_options", {})
         options["optimized_attention_override"] = make_override(attention_op)
         options[MODEL_OP_KEY] = attention_op
+        start_run_log(patched)
         logger.info("model attention routed to %r", attention_op.op)
         return io.NodeOutput(patched)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 from comfy_api.latest import io
 
-from ..processors import backends
+from ..processors import planner
 from ..processors.backends import MASK_MODES, ON_UNSUPPORTED, OP_CHOICES, AttentionOpConfig
 from .types import CATEGORY, AttentionOp
 from .validation import ValidatesCombos
@@ -36,8 +36,9 @@ class SelectXformersAttentionOp(ValidatesCombos, io.ComfyNode):
                                        "through an additive bias (xformers' cutlass kernel or SDPA)."),
                 io.Boolean.Input("fused", default=False,
                                  tooltip="Compute the text attention and every adapter in ONE xformers call "
-                                         "(block-diagonal). Needs an xformers operator; otherwise separate calls "
-                                         "run and the log says why."),
+                                         "(block-diagonal). Needs an xformers operator that takes a block-diagonal "
+                                         "mask; otherwise separate calls run and the log says why (with "
+                                         "on_unsupported = error, the node stops with an error instead)."),
                 io.Combo.Input("on_unsupported", options=list(ON_UNSUPPORTED), default="fall back",
                                tooltip="If the chosen operator cannot run the inputs: fall back to PyTorch SDPA "
                                        "(logged once per run with the reason) or stop with an error."),
@@ -49,14 +50,5 @@ class SelectXformersAttentionOp(ValidatesCombos, io.ComfyNode):
     @classmethod
     def execute(cls, op: str, mask_mode: str, fused: bool, on_unsupported: str) -> io.NodeOutput:
         config = AttentionOpConfig(op=op, mask_mode=mask_mode, fused=fused, on_unsupported=on_unsupported)
-        if on_unsupported == "error" and op != "auto":
-            check_runs_here(op, comfy.model_management.get_torch_device())
+        planner.check_config(config, comfy.model_management.get_torch_device())
         return io.NodeOutput(config)
-
-
-def check_runs_here(op: str, device) -> None:
-    """Raise when `op` cannot run any typical input on this device (on_unsupported = error)."""
-    entry = next(o for o in backends.operator_report(device)["ops"] if o["name"] == op)
-    if not entry["available"]:
-        raise RuntimeError(f"attention op {op!r} cannot run on this machine ({device}): {entry['reason']}. "
-                           f"Pick an available op, or set on_unsupported to 'fall back'.")

@@ -15,20 +15,16 @@ from ..processors.ipadapter import SiteSpec
 
 
 @dataclass(frozen=True)
-class Attn2Site:
-    key: tuple[str, int, int]
+class Attn2Site(SiteSpec):
+    """A `SiteSpec` (key, heads, dim_head, context_dim: what an adapter is validated against) plus where the
+    site sits in the model."""
+
     index: int  # adapter weight index i (file key 2i+1)
     transformer_index: int  # SpatialTransformer position in forward order (extra_options["transformer_index"])
-    heads: int
-    dim_head: int
-    context_dim: int
 
     @property
     def block(self) -> str:
         return self.key[0]
-
-    def spec(self) -> SiteSpec:
-        return SiteSpec(self.key, self.heads, self.dim_head, self.context_dim)
 
 
 def _transformers(diffusion_model) -> list[tuple[str, int, SpatialTransformer]]:
@@ -55,7 +51,8 @@ def attn2_sites(model_patcher) -> list[Attn2Site]:
                 found.append((name, number, i, t, block.n_heads, block.d_head, attn2.to_k.in_features))
     order = {"input": 0, "output": 1, "middle": 2}
     found.sort(key=lambda s: (order[s[0]], s[1], s[2]))
-    return [Attn2Site((name, number, i), index, t, heads, dim, ctx)
+    return [Attn2Site(key=(name, number, i), heads=heads, dim_head=dim, context_dim=ctx, index=index,
+                      transformer_index=t)
             for index, (name, number, i, t, heads, dim, ctx) in enumerate(found)]
 
 

@@ -1,8 +1,10 @@
-"""Attention operator registry: every `op` choice, why it can or cannot run, one entry point.
+"""Attention operator registry: every `op` choice, what it declares it supports, and why it cannot run.
 
-Each operator answers, for concrete inputs, either a runner or the reasons it cannot run (xformers' own
-`not_supported_reasons` where it applies). The choice is resolved once per input signature and cached, so
-the hot path is one dict lookup plus the kernel. Tensors are in xformers' BMHK layout: q `[B, Mq, H, D]`,
+Each operator declares its capabilities (`OPERATORS`: whether it takes a tensor bias, whether it can run the
+block-diagonal fused call) and answers, for concrete inputs, either a runner or the reasons it cannot run
+(xformers' own `not_supported_reasons` where it applies). Deciding never raises: whatever goes wrong while
+asking becomes a reason. Which operator and formulation actually run is the planner's decision
+(`planner.py`), the only caller of `prepare`. Tensors are in xformers' BMHK layout: q `[B, Mq, H, D]`,
 k/v `[B, Mk, H, D]`, bias `None`, an additive tensor broadcast to `[B, H, Mq, Mk]` (see `bias.py`) or an
 xformers `BlockDiagonalMask`.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -75,12 +77,33 @@ def bias_kind(bias: Any) -> str:
     return type(bias).__name__
 
 
-def signature(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> tuple:
-    """Everything an operator's verdict depends on. Batch is left out: large batches are chunked."""
-    bias_strides = tuple(bias.stride()) if isinstance(bias, torch.Tensor) else ()
-    return (q.device, q.dtype, k.dtype, tuple(q.shape[1:]), tuple(k.shape[1:]), tuple(v.shape[1:]),
-            q.stride(-1), k.stride(-1), v.stride(-1), bias_kind(bias), bias_strides[1:],
-            getattr(bias, "dtype", None), q.shape[0] == 1)
+
+# --------------------------------------------------------------------------------------------------------------
+# Declared capabilities (served to the widget by the ops route; checked against xformers by the tests)
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    name: str
+    tensor_bias: bool  # takes an additive tensor bias: mask_mode "attention bias" can run on it
+    fused: bool  # takes xformers' BlockDiagonalMask: fused mode can run on it
+
+
+OPERATORS: dict[str, OperatorSpec] = {spec.name: spec for spec in (
+    OperatorSpec("auto", tensor_bias=True, fused=True),  # xformers where it can, else SDPA
+    OperatorSpec("xformers", tensor_bias=True, fused=True),  # the dispatcher picks an op that does
+    OperatorSpec("xformers:cutlass", tensor_bias=True, fused=True),
+    OperatorSpec("xformers:flash", tensor_bias=False, fused=True),
+    OperatorSpec("xformers:flash3", tensor_bias=False, fused=True),
+    OperatorSpec("xformers:ck", tensor_bias=True, fused=True),
+    OperatorSpec("xformers:triton_splitk", tensor_bias=True, fused=False),
+    OperatorSpec("sdpa", tensor_bias=True, fused=False),  # PyTorch SDPA takes no block-diagonal bias
+    OperatorSpec("sdpa:flash", tensor_bias=False, fused=False),
+    OperatorSpec("sdpa:efficient", tensor_bias=True, fused=False),
+    OperatorSpec("sdpa:cudnn", tensor_bias=False, fused=False),
+    OperatorSpec("sdpa:math", tensor_bias=True, fused=False),
+)}
+FUSED_OPS = tuple(name for name, spec in OPERATORS.items() if spec.fused)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,107 +291,24 @@ def _prepare_sdpa(choice: str, q, k, v, bias, batch_limit: int) -> Prepared:
 
 
 def prepare(choice: str, q, k, v, bias=None, batch_limit: Optional[int] = None) -> Prepared:
-    """Bind one concrete operator (not `auto`) to these inputs."""
+    """Bind one concrete operator (not `auto`) to these inputs. Never raises for a known choice: an error while
+    deciding (a private xformers or torch function renamed, a check that breaks) is a reason, so `auto` and
+    `fall back` still reach SDPA."""
+    if choice not in OPERATORS or choice == "auto":
+        raise ValueError(f"unknown attention op {choice!r}; expected one of {', '.join(OP_CHOICES[1:])}")
+    try:
+        return _prepare(choice, q, k, v, bias, batch_limit)
+    except Exception as error:  # noqa: BLE001 (deciding must never crash sampling)
+        logger.debug("checking %s failed", choice, exc_info=True)
+        return Prepared(choice, None, (f"checking {choice} failed: {type(error).__name__}: {error}",))
+
+
+def _prepare(choice: str, q, k, v, bias, batch_limit: Optional[int]) -> Prepared:
     if choice == "xformers":
         return _prepare_xformers_dispatch(choice, q, k, v, bias, batch_limit or XFORMERS_BATCH_LIMIT)
     if choice in _XFORMERS_FW_OPS:
         return _prepare_xformers_op(choice, q, k, v, bias, batch_limit or XFORMERS_BATCH_LIMIT)
-    if choice == "sdpa" or choice in _SDPA_BACKENDS:
-        return _prepare_sdpa(choice, q, k, v, bias, batch_limit or SDPA_BATCH_LIMIT)
-    raise ValueError(f"unknown attention op {choice!r}; expected one of {', '.join(OP_CHOICES)}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Resolution: requested op -> what runs, cached per signature
-
-
-@dataclass(frozen=True)
-class Resolution:
-    requested: str
-    ran: str
-    runner: Runner = field(repr=False, compare=False)
-    rejected: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (op, reasons) for every op that could not run
-    detail: str = ""
-
-    @property
-    def fell_back(self) -> bool:
-        return self.requested != self.ran and self.requested != "auto"
-
-    def report(self, ran: Optional[str] = None) -> str:
-        """One line: which operator ran and why any fallback. `ran` names another path that runs instead of
-        the resolved operator (the processor's single-pass formulation)."""
-        ran = ran or (f"{self.ran} ({self.detail})" if self.detail else self.ran)
-        if not self.rejected:
-            return f"attention op {self.requested!r}: ran {ran}"
-        why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in self.rejected)
-        return f"attention op {self.requested!r}: ran {ran} because {why}"
-
-
-def resolve_uncached(requested: str, q, k, v, bias=None, on_unsupported: str = "fall back",
-                     batch_limit: Optional[int] = None) -> Resolution:
-    first = "xformers" if requested == "auto" else requested
-    prepared = prepare(first, q, k, v, bias, batch_limit)
-    if prepared.runner is not None:
-        return Resolution(requested, first, prepared.runner, detail=prepared.detail)
-    rejected = ((first, prepared.reasons),)
-    if requested != "auto" and on_unsupported == "error":
-        raise UnsupportedOperatorError(
-            f"attention op {requested!r} cannot run these inputs (q {tuple(q.shape)} {q.dtype} on {q.device}, "
-            f"bias {bias_kind(bias)}): {'; '.join(prepared.reasons)}. Choose another op, or set "
-            f"on_unsupported to 'fall back'.")
-    fallback = prepare("sdpa", q, k, v, bias, batch_limit)
-    if fallback.runner is None:
-        raise UnsupportedOperatorError(
-            f"no attention operator can run these inputs: {first}: {'; '.join(prepared.reasons)}; "
-            f"{fallback.name}: {'; '.join(fallback.reasons)}")
-    return Resolution(requested, fallback.name, fallback.runner, rejected, fallback.detail)
-
-
-_cache: dict[tuple, tuple[Resolution, str]] = {}  # signature -> (resolution, its report line)
-_seen_this_run: dict[str, Optional[Resolution]] = {}
-
-
-def resolve(requested: str, q, k, v, bias=None, on_unsupported: str = "fall back",
-            batch_limit: Optional[int] = None) -> Resolution:
-    key = (requested, on_unsupported, batch_limit, signature(q, k, v, bias))
-    cached = _cache.get(key)
-    if cached is None:
-        resolution = resolve_uncached(requested, q, k, v, bias, on_unsupported, batch_limit)
-        cached = _cache[key] = (resolution, resolution.report())
-    resolution, line = cached
-    if line not in _seen_this_run:
-        _seen_this_run[line] = resolution
-        (logger.warning if resolution.fell_back else logger.info)("%s", line)
-    return resolution
-
-
-def note(line: str) -> None:
-    """Record a report line about what ran besides an operator (e.g. the attn2 formulation); logged once
-    per run and listed by `run_reports`."""
-    if line not in _seen_this_run:
-        _seen_this_run[line] = None
-        logger.info("%s", line)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any = None, *, op: str = "auto",
-              on_unsupported: str = "fall back", batch_limit: Optional[int] = None) -> torch.Tensor:
-    """Scaled dot-product attention in BMHK on the resolved operator: `[B, Mq, H, D]` -> `[B, Mq, H, Dv]`."""
-    return resolve(op, q, k, v, bias, on_unsupported, batch_limit).runner(q, k, v, bias)
-
-
-def begin_run() -> None:
-    """Start a new sampling run: each distinct operator report is logged once per run."""
-    _seen_this_run.clear()
-
-
-def run_reports() -> list[str]:
-    """The operator reports seen since `begin_run`, for logs and the main-job summary."""
-    return list(_seen_this_run)
-
-
-def clear_cache() -> None:
-    _cache.clear()
-    _seen_this_run.clear()
+    return _prepare_sdpa(choice, q, k, v, bias, batch_limit or SDPA_BATCH_LIMIT)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,7 +338,8 @@ def operator_report(device: Optional[torch.device] = None) -> dict:
     """Every op choice with availability for the model's typical inputs on `device`.
 
     An op is available when, for every typical head dim, it runs at least one typical dtype; `reason` is empty
-    then, and `notes` lists the cases it cannot run.
+    then, and `notes` lists the cases it cannot run. `tensor_bias` and `fused` are the op's declared
+    capabilities (`OPERATORS`): the widget shows mask_mode and fused from them.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     status = xformers_status()
@@ -408,13 +349,16 @@ def operator_report(device: Optional[torch.device] = None) -> dict:
         cases = {(dt, hd): _probe(concrete, device, dt, hd) for dt in TYPICAL_DTYPES for hd in TYPICAL_HEAD_DIMS}
         failures = [(f"{_dtype_name(dt)} D={hd}", r) for (dt, hd), r in cases.items() if r]
         runs_every_head_dim = all(any(not cases[(dt, hd)] for dt in TYPICAL_DTYPES) for hd in TYPICAL_HEAD_DIMS)
+        spec = OPERATORS[choice]
+        capabilities = {"tensor_bias": spec.tensor_bias, "fused": spec.fused}
         if choice == "auto":  # auto always runs: xformers where it can, else SDPA
             note = _summarise(failures)
             ops.append({"name": choice, "available": True, "reason": "",
-                        "notes": f"runs PyTorch SDPA where xformers cannot ({note})" if failures else ""})
+                        "notes": f"runs PyTorch SDPA where xformers cannot ({note})" if failures else "",
+                        **capabilities})
             continue
         ops.append({"name": choice, "available": runs_every_head_dim,
                     "reason": "" if runs_every_head_dim else _summarise(failures),
-                    "notes": _summarise(failures) if runs_every_head_dim and failures else ""})
+                    "notes": _summarise(failures) if runs_every_head_dim and failures else "", **capabilities})
     return {"versions": {"torch": torch.__version__, "xformers": status.version},
             "device": str(device), "xformers_problem": status.problem, "ops": ops}

@@ -10,15 +10,16 @@ output weight (float, per-row scale, per-query mask) folded into its probabiliti
 `attn(text) + sum_i w_i * attn(image_i)` (separate softmaxes, not a joint one).
 
 It materializes the scores `[H, Mq, Mk]` per batch row, so it is only chosen where the benchmark showed it
-wins (see `applies` and benchmarks/README.md): CPU, float32, at least `MIN_QUERIES` queries and at most
-`MAX_IMAGE_TOKENS` image tokens over all adapters.
+wins (see `fits` and benchmarks/README.md): CPU, float32, at least `MIN_QUERIES` queries and at most
+`MAX_IMAGE_TOKENS` image tokens over all adapters. The planner (`planner.py`) decides, and only for `auto`
+where xformers cannot run: an explicit op, sdpa included, runs the kernel the user chose.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -28,9 +29,6 @@ NAME = "single pass"
 # The rule, from benchmarks/results/attention_layer_cpu.md (fp32, batch 2, 77 text tokens):
 MIN_QUERIES = 256
 MAX_IMAGE_TOKENS = 48
-# Only `auto` (where xformers cannot run: the processor checks): an explicit op, sdpa included, runs the kernel
-# the user chose, in separate calls.
-OPS = ("auto",)
 
 
 @dataclass(frozen=True)
@@ -42,11 +40,10 @@ class Segment:
     factor: Factor = 1.0
 
 
-def applies(op: str, q4: torch.Tensor, image_lengths: Sequence[int], has_bias: bool) -> bool:
-    """The selection rule: where the single pass was measured to beat the separate calls."""
-    return (op in OPS and not has_bias and bool(image_lengths) and q4.device.type == "cpu"
-            and q4.dtype == torch.float32 and q4.shape[1] >= MIN_QUERIES
-            and sum(image_lengths) <= MAX_IMAGE_TOKENS)
+def fits(q4: torch.Tensor, image_lengths: Sequence[int]) -> bool:
+    """The measured rule: where the single pass beats the separate calls (inputs without a bias)."""
+    return (bool(image_lengths) and q4.device.type == "cpu" and q4.dtype == torch.float32
+            and q4.shape[1] >= MIN_QUERIES and sum(image_lengths) <= MAX_IMAGE_TOKENS)
 
 
 def describe(q4: torch.Tensor, text_len: int, image_lengths: Sequence[int]) -> str:
@@ -75,14 +72,13 @@ def _image_kv(segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([s.k for s in segments], 1), torch.cat([s.v for s in segments], 1)
 
 
-def single_pass(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, segments: Sequence[Segment],
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def single_pass(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
     """BMHK q `[B, Mq, H, D]`, text k/v `[B, Mt, H, D]`, adapters -> `[B, Mq, H, Dv]` (contiguous)."""
     batch, q_len, heads, dim = q4.shape
     scale = 1.0 / math.sqrt(dim)
     ki, vi = _image_kv(segments)
     lengths = [s.k.shape[1] for s in segments]
-    out = torch.empty(batch, q_len, heads, v4.shape[-1], dtype=q4.dtype, device=q4.device) if out is None else out
+    out = torch.empty(batch, q_len, heads, v4.shape[-1], dtype=q4.dtype, device=q4.device)
     image_scores = torch.empty(heads, q_len, sum(lengths), dtype=q4.dtype, device=q4.device)
     for row in range(batch):
         qb = q4[row].transpose(0, 1)  # [H, Mq, D], a strided view

@@ -27,10 +27,10 @@ const COLORS = { ok: "#7fcf8a", warn: "#e8b04a", error: "#ef6b6b", unknown: "#9a
 const state = { report: null, error: "", index: new Map(), pending: null };
 const trackedNodes = new Set();
 
-function loadReport(refresh = false) {
-  if (state.pending && !refresh) return state.pending;
+function loadReport() {
+  if (state.pending) return state.pending;
   state.pending = api
-    .fetchApi(ROUTE + (refresh ? "?refresh=1" : ""), { cache: "no-store" })
+    .fetchApi(ROUTE, { cache: "no-store" })
     .then((response) => {
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       return response.json();
@@ -154,7 +154,7 @@ function refreshNode(node) {
     }
   }
   const values = currentValues(node);
-  const visible = visibility(values);
+  const visible = visibility(values, state.index);
   let layoutChanged = false;
   const hiddenByName = {};
   for (const name of ["mask_mode", "fused"]) {
@@ -258,15 +258,3 @@ app.registerExtension({
     for (const node of trackedNodes) refreshNode(node);
   },
 });
-
-// For tests and the console: the report and a way to recompute it on the server.
-export const attentionOpWidget = {
-  get report() {
-    return state.report;
-  },
-  get error() {
-    return state.error;
-  },
-  refresh: () => loadReport(true),
-  ready: () => loadReport(),
-};

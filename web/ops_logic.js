@@ -2,7 +2,10 @@
 // runner (tests/js/). The wiring into the graph editor is attention_op_widget.js.
 //
 // Input: the JSON of GET /xformers_ipadapter/ops (design.md section 3):
-//   { versions: { torch, xformers }, device, xformers_problem, ops: [{ name, available, reason, notes }] }
+//   { versions: { torch, xformers }, device, xformers_problem,
+//     ops: [{ name, available, reason, notes, tensor_bias, fused }] }
+// tensor_bias and fused are each operator's declared capabilities, served by the engine's registry
+// (processors/backends.py OPERATORS): this file keeps no copy of them.
 // Output: what the node shows. Widget values are never decorated: labels are display-only, and
 // stripDecoration() turns any label back into the contract's combo string.
 
@@ -19,21 +22,6 @@ export const ON_UNSUPPORTED = Object.freeze(["fall back", "error"]);
 export const DEFAULT_MASK_MODE = "multiply output";
 export const FALLBACK_OP = "sdpa";
 
-// Operators that accept an additive tensor bias, i.e. where mask_mode "attention bias" can apply.
-// xformers: torch.Tensor in the FwOp's SUPPORTED_ATTN_BIAS_TYPES (flash and flash3 have none); "xformers"
-// dispatches to one that does; SDPA takes attn_mask except on its flash and cuDNN kernels; "auto" runs
-// xformers or SDPA. Checked against xformers by tests/unit/test_widget_tables.py.
-export const TENSOR_BIAS_OPS = Object.freeze([
-  "auto", "xformers", "xformers:cutlass", "xformers:ck", "xformers:triton_splitk",
-  "sdpa", "sdpa:efficient", "sdpa:math",
-]);
-
-// Operators that can run `fused` mode (text + adapters in one call through xformers' BlockDiagonalMask).
-// PyTorch SDPA cannot take a block-diagonal bias; triton_splitk has no BlockDiagonalMask either.
-export const FUSED_OPS = Object.freeze([
-  "auto", "xformers", "xformers:cutlass", "xformers:flash", "xformers:flash3", "xformers:ck",
-]);
-
 const UNAVAILABLE_SUFFIX = " (unavailable)";
 const UNKNOWN_SUFFIX = " (?)";
 const REASON_SHORT = 160;
@@ -48,8 +36,9 @@ export function stripDecoration(value) {
 }
 
 /**
- * The route's JSON as a Map name -> {name, available, reason, notes}, in the route's order.
- * Tolerant: a missing or malformed report gives an empty Map (availability "unknown").
+ * The route's JSON as a Map name -> {name, available, reason, notes, tensorBias, fused}, in the route's order.
+ * Tolerant: a missing or malformed report gives an empty Map (availability "unknown"); a capability the
+ * report does not state is null (unknown).
  */
 export function indexReport(report) {
   const index = new Map();
@@ -61,6 +50,8 @@ export function indexReport(report) {
       available: op.available === true,
       reason: typeof op.reason === "string" ? op.reason : "",
       notes: typeof op.notes === "string" ? op.notes : "",
+      tensorBias: typeof op.tensor_bias === "boolean" ? op.tensor_bias : null,
+      fused: typeof op.fused === "boolean" ? op.fused : null,
     });
   }
   return index;
@@ -102,27 +93,32 @@ export function unsupportedAction(onUnsupported) {
   return stripDecoration(onUnsupported) === "error" ? "stops with an error" : `falls back to ${FALLBACK_OP}`;
 }
 
-export function acceptsTensorBias(op) {
-  return TENSOR_BIAS_OPS.includes(stripDecoration(op));
+/** Whether the op takes an additive tensor bias (mask_mode "attention bias"): true, false, or null (unknown). */
+export function acceptsTensorBias(index, op) {
+  const entry = index && index.get(stripDecoration(op));
+  return entry ? entry.tensorBias : null;
 }
 
-export function canFuse(op) {
-  return FUSED_OPS.includes(stripDecoration(op));
+/** Whether the op can run fused (block-diagonal) calls: true, false, or null (unknown). */
+export function canFuse(index, op) {
+  const entry = index && index.get(stripDecoration(op));
+  return entry ? entry.fused : null;
 }
 
 /**
- * Which optional widgets are shown. Rule: an option is shown where it applies to the selected op, and
- * a non-default value is never hidden (a loaded workflow that asks for something the op cannot do shows
- * it, with a warning in the status, instead of hiding a value that still reaches the backend).
- *   mask_mode: shown if the op accepts a tensor attention bias, or mask_mode is not "multiply output".
- *   fused:     shown if the op can run block-diagonal fused calls, or fused is true.
+ * Which optional widgets are shown. Rule: an option is hidden only where the report says it does not apply
+ * to the selected op (unknown: shown), and a non-default value is never hidden (a loaded workflow that asks
+ * for something the op cannot do shows it, with a warning in the status, instead of hiding a value that
+ * still reaches the backend).
+ *   mask_mode: shown unless the op takes no tensor attention bias, or when mask_mode is not "multiply output".
+ *   fused:     shown unless the op cannot run block-diagonal fused calls, or when fused is true.
  */
-export function visibility(values) {
+export function visibility(values, index) {
   const op = stripDecoration(values.op);
   const maskMode = stripDecoration(values.mask_mode);
   return {
-    mask_mode: acceptsTensorBias(op) || (maskMode !== undefined && maskMode !== DEFAULT_MASK_MODE),
-    fused: canFuse(op) || values.fused === true,
+    mask_mode: acceptsTensorBias(index, op) !== false || (maskMode !== undefined && maskMode !== DEFAULT_MASK_MODE),
+    fused: canFuse(index, op) !== false || values.fused === true,
   };
 }
 
@@ -171,16 +167,17 @@ export function describeStatus(report, values, error = "") {
     full.push(`on_unsupported = ${onUnsupported}: the node ${unsupportedAction(onUnsupported)}.`);
   }
 
-  if (maskMode === "attention bias" && !acceptsTensorBias(op)) {
+  if (maskMode === "attention bias" && acceptsTensorBias(index, op) === false) {
     if (level === "ok" || level === "unknown") level = "warn";
     const text = `mask_mode "attention bias" needs an op that takes a tensor bias; ${op} does not ` +
       `(with a mask connected it ${unsupportedAction(onUnsupported)})`;
     lines.push(text);
     full.push(text + ".");
   }
-  if (values.fused === true && !canFuse(op)) {
+  if (values.fused === true && canFuse(index, op) === false) {
     if (level === "ok" || level === "unknown") level = "warn";
-    const text = `fused needs an xformers op with block-diagonal masks; ${op} runs separate calls`;
+    const text = `fused needs an xformers op with block-diagonal masks; ${op} ` +
+      (onUnsupported === "error" ? "cannot fuse (the node stops with an error)" : "runs separate calls");
     lines.push(text);
     full.push(text + ".");
   }

@@ -3,7 +3,7 @@
 `available` booleans and a `reason` that is empty exactly when the op is available."""
 import torch
 
-from processors.backends import OP_CHOICES
+from processors.backends import OP_CHOICES, OPERATORS
 
 ROUTE = "/xformers_ipadapter/ops"
 
@@ -20,6 +20,9 @@ def check_report(report: dict) -> None:
         assert isinstance(op["available"], bool), op
         assert isinstance(op["reason"], str), op
         assert (op["reason"] == "") == op["available"], op
+        # the capabilities the widget shows mask_mode and fused from: the engine's declarations
+        spec = OPERATORS[op["name"]]
+        assert (op["tensor_bias"], op["fused"]) == (spec.tensor_bias, spec.fused), op
     by_name = {op["name"]: op for op in report["ops"]}
     assert by_name["auto"]["available"] and by_name["sdpa"]["available"] and by_name["sdpa:math"]["available"]
     assert not by_name["sdpa:flash"]["available"]  # needs CUDA

@@ -15,6 +15,7 @@ Screenshots go to tests/artifacts/ (git-ignored).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import tempfile
@@ -102,8 +103,9 @@ def ops_report(comfy_server) -> dict:
 
 
 @contextlib.contextmanager
-def editor(playwright_api, server, *, vue: bool):
-    """A fresh browser profile on the server's frontend, with the Vue node renderer on or off."""
+def editor(playwright_api, server, *, vue: bool, ops: dict | None = None):
+    """A fresh browser profile on the server's frontend, with the Vue node renderer on or off; `ops` replaces
+    the ops route's JSON (the widget must follow whatever the route says)."""
     r = server.http.post(server.base_url + "/settings", timeout=30,
                          json={"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": vue})
     r.raise_for_status()
@@ -115,6 +117,8 @@ def editor(playwright_api, server, *, vue: bool):
     try:
         context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.base_url)
                       else route.abort())
+        if ops is not None:
+            context.route(f"**{ROUTE}*", lambda route: route.fulfill(json=ops, headers={"Cache-Control": "no-store"}))
         context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true');"
                                 "localStorage.setItem('comfy.vueNodesMigration.dismissed', 'true');" + HELPERS)
         page = context.pages[0] if context.pages else context.new_page()
@@ -360,3 +364,17 @@ def test_vue_node_renderer(playwright_api, comfy_server, ops_report):
         page.wait_for_function("(el) => el.offsetParent === null", arg=mask_row.element_handle())
         assert not mask_row.is_visible() and fused_row.is_visible()
         check_exports(page, {saved["id"]: dict(zip(INPUTS, saved["widgets_values"]))})
+
+
+def test_capabilities_come_from_the_route(playwright_api, comfy_server, ops_report):
+    """The widget keeps no table of its own: flip sdpa:math's declared capabilities in the route's JSON and
+    what it shows flips with them."""
+    flipped = copy.deepcopy(ops_report)
+    math = next(o for o in flipped["ops"] if o["name"] == "sdpa:math")
+    assert (math["tensor_bias"], math["fused"]) == (True, False)  # what the engine declares
+    math["tensor_bias"], math["fused"] = False, True
+    with editor(playwright_api, comfy_server, vue=False, ops=flipped) as page:
+        node = add_node(page, 120, 160, op="sdpa:math")
+        assert state(page, node)["hidden"] == {"mask_mode": True, "fused": False}
+        st = set_widget(page, node, "op", "sdpa")
+        assert st["hidden"] == {"mask_mode": False, "fused": True}

@@ -68,9 +68,10 @@ def test_weight_one_changes_the_latent_and_weight_zero_does_not(nodes, unet, cli
     assert torch.equal(zero, unpatched)
     one = hh.sample(apply(nodes, reference, adapters[kind], clip_vision))
     assert (one - unpatched).abs().max() > 1e-2 * unpatched.abs().max()
-    # against ComfyUI's own CPU attention (sub-quadratic) the unpatched model differs only by rounding
-    assert torch.allclose(hh.sample(apply(nodes, unet, adapters[kind], clip_vision, weight=0.0)),
-                          hh.sample(unet), rtol=1e-4, atol=1e-3)
+    # against ComfyUI's own CPU attention the unpatched model differs only by rounding: measured with torch
+    # 2.10, a max difference of 1.4e-3 on a latent whose largest value is 408 (3.5e-6 of it)
+    zero_auto, plain = hh.sample(apply(nodes, unet, adapters[kind], clip_vision, weight=0.0)), hh.sample(unet)
+    assert (zero_auto - plain).abs().max() <= 1e-5 * plain.abs().max()
 
 
 def test_window_that_excludes_every_step_and_all_zero_mask_equal_unpatched(nodes, unet, clip_vision, adapters):
@@ -237,15 +238,14 @@ def test_negative_defaults_and_image_negative(nodes, unet, clip_vision, adapters
 # --- operators ---------------------------------------------------------------------------------------------
 
 def test_the_selected_operator_is_the_one_that_runs(nodes, unet, clip_vision, adapters):
-    backends = hh.pack_module("processors.backends")
-    backends.clear_cache()
-    backends.begin_run()
+    planner = hh.pack_module("processors.planner")
+    planner.begin_run()
     hh.sample(apply(nodes, unet, adapters["base"], clip_vision, attention_op=select(nodes, op="sdpa:math")), steps=1)
-    assert backends.run_reports() and all(r.startswith("attention op 'sdpa:math': ran sdpa:math")
-                                          for r in backends.run_reports())
+    assert planner.run_reports() and all(r.startswith("attention op 'sdpa:math': ran sdpa:math")
+                                         for r in planner.run_reports())
     hh.sample(apply(nodes, unet, adapters["base"], clip_vision, attention_op=select(nodes, op="xformers:cutlass")),
               steps=1)  # the sampler's pre-run callback starts a new run
-    reports = backends.run_reports()
+    reports = planner.run_reports()
     assert reports and all("'xformers:cutlass': ran sdpa because xformers:cutlass: device=cpu" in r for r in reports)
 
 
@@ -258,10 +258,11 @@ def test_unsupported_operator_with_error_fails_at_the_node(nodes, unet, clip_vis
 
 
 def test_patch_model_attention_routes_every_attn1_and_attn2_call(nodes, unet, monkeypatch):
-    backends = hh.pack_module("processors.backends")
+    planner = hh.pack_module("processors.planner")
     calls = []
-    real = backends.attention
-    monkeypatch.setattr(backends, "attention", lambda q, *a, **kw: calls.append(tuple(q.shape)) or real(q, *a, **kw))
+    real = planner.Planner.attention
+    monkeypatch.setattr(planner.Planner, "attention",
+                        lambda self, q, *a, **kw: calls.append(tuple(q.shape)) or real(self, q, *a, **kw))
     routed = nodes["patch_model"].PatchXformersModelAttention.execute(unet, select(nodes, op="sdpa:math")).result[0]
     evaluations = []
     routed.set_model_unet_function_wrapper(lambda apply_model, args: evaluations.append(1) or

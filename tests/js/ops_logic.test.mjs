@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 
 import {
-  FUSED_OPS, MASK_MODES, NODE_ID, ON_UNSUPPORTED, OP_CHOICES, ROUTE, TENSOR_BIAS_OPS,
+  MASK_MODES, NODE_ID, ON_UNSUPPORTED, OP_CHOICES, ROUTE,
   acceptsTensorBias, annotateOps, availability, canFuse, describeStatus, indexReport, optionLabel,
   stripDecoration, unsupportedAction, visibility,
 } from "../../web/ops_logic.js";
@@ -20,7 +20,6 @@ test("the constants are the contract's (design.md section 3)", () => {
     "xformers:triton_splitk", "sdpa", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math"]);
   assert.deepEqual([...MASK_MODES], ["multiply output", "attention bias"]);
   assert.deepEqual([...ON_UNSUPPORTED], ["fall back", "error"]);
-  for (const op of [...TENSOR_BIAS_OPS, ...FUSED_OPS]) assert.ok(OP_CHOICES.includes(op), op);
 });
 
 test("indexReport keeps every op of the route, in order, and tolerates bad input", () => {
@@ -66,25 +65,52 @@ test("on_unsupported in words", () => {
   assert.equal(unsupportedAction("error"), "stops with an error");
 });
 
-test("mask_mode is shown only for ops that take a tensor bias, unless its value is not the default", () => {
-  const noBias = ["xformers:flash", "xformers:flash3", "sdpa:flash", "sdpa:cudnn"];
+// The capabilities come from the route (the fixture is the route's JSON on a CPU machine): an op is
+// hidden where the report says it does not apply, never from a table of this file's own.
+const NO_BIAS = ["xformers:flash", "xformers:flash3", "sdpa:flash", "sdpa:cudnn"];
+const FUSABLE = ["auto", "xformers", "xformers:cutlass", "xformers:flash", "xformers:flash3", "xformers:ck"];
+
+test("mask_mode is shown only for ops the report says take a tensor bias, unless its value is not the default", () => {
+  const index = indexReport(fixture);
   for (const op of OP_CHOICES) {
-    assert.equal(acceptsTensorBias(op), !noBias.includes(op), op);
-    const shown = visibility({ op, mask_mode: "multiply output", fused: false, on_unsupported: "fall back" });
-    assert.equal(shown.mask_mode, !noBias.includes(op), op);
+    assert.equal(acceptsTensorBias(index, op), !NO_BIAS.includes(op), op);
+    const shown = visibility({ op, mask_mode: "multiply output", fused: false, on_unsupported: "fall back" }, index);
+    assert.equal(shown.mask_mode, !NO_BIAS.includes(op), op);
     // a loaded "attention bias" is never hidden, it is shown with a warning
-    assert.equal(visibility({ op, mask_mode: "attention bias", fused: false }).mask_mode, true, op);
+    assert.equal(visibility({ op, mask_mode: "attention bias", fused: false }, index).mask_mode, true, op);
   }
 });
 
-test("fused is shown only for ops with block-diagonal masks, unless it is on", () => {
-  const fusable = ["auto", "xformers", "xformers:cutlass", "xformers:flash", "xformers:flash3", "xformers:ck"];
+test("fused is shown only for ops the report says fuse, unless it is on", () => {
+  const index = indexReport(fixture);
   for (const op of OP_CHOICES) {
-    assert.equal(canFuse(op), fusable.includes(op), op);
-    assert.equal(visibility({ op, mask_mode: "multiply output", fused: false }).fused, fusable.includes(op), op);
-    assert.equal(visibility({ op, mask_mode: "multiply output", fused: true }).fused, true, op);
+    assert.equal(canFuse(index, op), FUSABLE.includes(op), op);
+    assert.equal(visibility({ op, mask_mode: "multiply output", fused: false }, index).fused, FUSABLE.includes(op), op);
+    assert.equal(visibility({ op, mask_mode: "multiply output", fused: true }, index).fused, true, op);
   }
-  assert.equal(visibility({ op: "sdpa (unavailable)", mask_mode: "multiply output", fused: false }).fused, false);
+  assert.equal(visibility({ op: "sdpa (unavailable)", mask_mode: "multiply output", fused: false }, index).fused, false);
+});
+
+test("capabilities follow the report, not a table kept here", () => {
+  // A report that (hypothetically) declares the opposite capabilities for sdpa:math flips what is shown.
+  const flipped = structuredClone(fixture);
+  const math = flipped.ops.find((o) => o.name === "sdpa:math");
+  math.tensor_bias = false;
+  math.fused = true;
+  const index = indexReport(flipped);
+  const shown = visibility({ op: "sdpa:math", mask_mode: "multiply output", fused: false }, index);
+  assert.deepEqual(shown, { mask_mode: false, fused: true });
+  const status = describeStatus(flipped, { op: "sdpa:math", mask_mode: "attention bias", fused: true, on_unsupported: "fall back" });
+  assert.ok(status.lines.some((l) => /attention bias.*sdpa:math does not/.test(l)));
+  assert.ok(!status.lines.some((l) => /^fused needs/.test(l)));
+});
+
+test("without a report (or without capabilities in it) nothing is hidden", () => {
+  for (const index of [new Map(), indexReport({ ops: [{ name: "sdpa:flash", available: true, reason: "" }] })]) {
+    assert.equal(acceptsTensorBias(index, "sdpa:flash"), null);
+    assert.deepEqual(visibility({ op: "sdpa:flash", mask_mode: "multiply output", fused: false }, index),
+      { mask_mode: true, fused: true });
+  }
 });
 
 test("status: an available op", () => {

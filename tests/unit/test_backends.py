@@ -1,4 +1,4 @@
-"""Operator registry on this CPU machine: reasons, fallbacks, caching, chunking."""
+"""Operator registry on this CPU machine: declared capabilities, reasons, fallbacks, chunking."""
 
 import sys
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from processors import backends, xformers_env
+from processors import backends, planner, xformers_env
 from processors.backends import OP_CHOICES, AttentionOpConfig, UnsupportedOperatorError
 from processors.bias import aligned_bias
 
@@ -14,10 +14,8 @@ XFORMERS_OPS = [op for op in OP_CHOICES if op.startswith("xformers")]
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache():
-    backends.clear_cache()
-    yield
-    backends.clear_cache()
+def fresh_run():
+    planner.begin_run()
 
 
 @pytest.fixture
@@ -36,6 +34,10 @@ def qkv(dtype=torch.float32, head_dim=40, batch=2):
     q = torch.randn(batch, 64, 8, head_dim, dtype=dtype)
     k = torch.randn(batch, 77, 8, head_dim, dtype=dtype)
     return q, k, torch.randn_like(k)
+
+
+def attention(q, k, v, bias=None, op="auto", batch_limit=None):
+    return planner.Planner(AttentionOpConfig(op=op), batch_limit).attention(q, k, v, bias)
 
 
 def sdpa_reference(q, k, v, bias=None):
@@ -59,22 +61,27 @@ def test_every_xformers_operator_is_unavailable_on_cpu_with_a_device_reason(op):
     assert any("cpu" in reason for reason in prepared.reasons), prepared.reasons
 
 
-def test_library_load_failure_is_explained():
+def test_library_load_failure_is_explained(monkeypatch):
+    """As with a torch that xformers was not built for: its compiled library is missing."""
     import xformers
 
-    if xformers._has_cpp_library:
-        pytest.skip("this xformers loaded its compiled library")
-    q, k, v = qkv(torch.float16)
-    reasons = backends.prepare("xformers:cutlass", q, k, v).reasons
+    monkeypatch.setattr(xformers, "_has_cpp_library", False)
+    xformers_env.reset()
+    try:
+        q, k, v = qkv(torch.float16)
+        reasons = backends.prepare("xformers:cutlass", q, k, v).reasons
+    finally:
+        monkeypatch.undo()
+        xformers_env.reset()
     assert any("could not load its compiled library" in r for r in reasons), reasons
 
 
 def test_auto_runs_sdpa_on_cpu_and_reports_why():
     q, k, v = qkv()
-    resolution = backends.resolve("auto", q, k, v)
+    resolution = planner.resolve("auto", q, k, v)
     assert resolution.ran == "sdpa"
     assert "cpu" in resolution.report() and resolution.report().startswith("attention op 'auto': ran sdpa")
-    torch.testing.assert_close(backends.attention(q, k, v), sdpa_reference(q, k, v))
+    torch.testing.assert_close(attention(q, k, v), sdpa_reference(q, k, v))
 
 
 @pytest.mark.usefixtures("no_xformers")
@@ -83,7 +90,7 @@ def test_without_xformers_every_xformers_op_says_so_and_auto_runs_sdpa():
     for op in XFORMERS_OPS:
         assert backends.prepare(op, q, k, v).reasons == ("xformers is not installed",
                                                          "device=cpu (xformers runs on cuda only)")
-    assert backends.resolve("auto", q, k, v).ran == "sdpa"
+    assert planner.resolve("auto", q, k, v).ran == "sdpa"
     report = backends.operator_report()
     assert report["versions"]["xformers"] is None
     assert all(not o["available"] and "not installed" in o["reason"] for o in report["ops"] if o["name"] in XFORMERS_OPS)
@@ -91,11 +98,11 @@ def test_without_xformers_every_xformers_op_says_so_and_auto_runs_sdpa():
 
 def test_explicit_op_falls_back_or_errors_as_asked():
     q, k, v = qkv()
-    resolution = backends.resolve("xformers:flash", q, k, v, on_unsupported="fall back")
+    resolution = planner.resolve("xformers:flash", q, k, v, on_unsupported="fall back")
     assert resolution.ran == "sdpa" and resolution.fell_back
     assert "xformers:flash" in resolution.report() and "device=cpu" in resolution.report()
     with pytest.raises(UnsupportedOperatorError, match=r"xformers:flash.*device=cpu"):
-        backends.resolve("xformers:flash", q, k, v, on_unsupported="error")
+        planner.resolve("xformers:flash", q, k, v, on_unsupported="error")
 
 
 def test_sdpa_backends_on_cpu():
@@ -103,7 +110,7 @@ def test_sdpa_backends_on_cpu():
     assert backends.prepare("sdpa:math", q, k, v).runner is not None
     for op in ("sdpa:flash", "sdpa:efficient", "sdpa:cudnn"):
         assert "device=cpu (needs cuda)" in backends.prepare(op, q, k, v).reasons
-    out = backends.attention(q, k, v, op="sdpa:math")
+    out = attention(q, k, v, op="sdpa:math")
     torch.testing.assert_close(out, sdpa_reference(q, k, v))
 
 
@@ -119,40 +126,15 @@ def test_xformers_judges_bias_alignment_through_its_own_checks():
     assert any("attn_bias" in r for r in backends.prepare("xformers:flash", q, k, v, aligned).reasons)
 
 
-def test_resolution_is_cached_per_signature(monkeypatch):
-    calls = []
-    real = backends.prepare
-    monkeypatch.setattr(backends, "prepare", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
-    q, k, v = qkv()
-    for _ in range(5):
-        backends.attention(q, k, v, op="auto")
-    assert calls == ["xformers", "sdpa"]  # one resolution; the calls after it hit the cache
-    backends.attention(*qkv(head_dim=80), op="auto")  # another signature resolves again
-    assert len(calls) == 4
-
-
 def test_batches_beyond_the_limit_are_chunked(monkeypatch):
     seen = []
     real = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: seen.append(q.shape[0]) or real(q, *a, **kw))
     q, k, v = qkv(batch=5)
     bias = aligned_bias(torch.randn(5, 1, 64, 77), (5, 8, 64, 77), torch.float32, "cpu")
-    out = backends.attention(q, k, v, bias, batch_limit=2)
+    out = attention(q, k, v, bias, batch_limit=2)
     assert seen == [2, 2, 1]
     torch.testing.assert_close(out, sdpa_reference(q, k, v, bias))
-
-
-def test_run_reports_list_each_operator_once_per_run(caplog):
-    q, k, v = qkv()
-    backends.begin_run()
-    with caplog.at_level("WARNING", logger="processors.backends"):
-        for _ in range(3):
-            backends.attention(q, k, v, op="xformers:cutlass")
-    assert len(backends.run_reports()) == 1
-    assert sum("ran sdpa" in r.message for r in caplog.records) == 1
-    backends.begin_run()
-    backends.attention(q, k, v, op="xformers:cutlass")
-    assert len(backends.run_reports()) == 1
 
 
 def test_operator_report_covers_every_choice():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from processors import backends
+from processors import planner
 from processors.backends import AttentionOpConfig
 from processors.fused import materialized_runner, pack, unpack
 from harness.oracle import reference_attention
@@ -21,7 +21,7 @@ PATHS = {
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    backends.clear_cache()
+    planner.begin_run()
 
 
 def case(batch=2, q_len=64, seed=0, binary_mask=True, row_scale=True):
@@ -112,6 +112,10 @@ def test_all_zero_mask_equals_text_only_in_both_modes():
         torch.testing.assert_close(run(path, q, k, v, zero), text_only, rtol=0, atol=1e-6)
 
 
+def sdpa_math(q4, k4, v4):
+    return planner.Planner(AttentionOpConfig(op="sdpa:math")).attention(q4, k4, v4)
+
+
 def test_fused_packing_equals_separate_calls():
     """The packing code of the GPU path, run against the dense materialized block-diagonal bias."""
     q, k, v, branches = cast(*case(batch=3, q_len=40), torch.float32)
@@ -122,9 +126,9 @@ def test_fused_packing_equals_separate_calls():
     assert qp.shape == (1, 3 * 3 * 40, HEADS, DIM) and kp.shape[1] == 3 * (77 + 4 + 16)
     outs = unpack(bias, materialized_runner(qp, kp, vp, bias))
     for out, key, value in zip(outs, keys, values):
-        torch.testing.assert_close(out, backends.attention(q4, key, value, op="sdpa:math"), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out, sdpa_math(q4, key, value), rtol=0, atol=1e-5)
     # and the joint softmax over all keys is NOT what we compute
-    joint = backends.attention(q4, torch.cat(keys, 1), torch.cat(values, 1), op="sdpa:math")
+    joint = sdpa_math(q4, torch.cat(keys, 1), torch.cat(values, 1))
     assert (joint - outs[0]).abs().max() > 1e-2
 
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from processors import backends
+from processors import planner
 from processors import single_pass as sp
 from processors.backends import AttentionOpConfig
 from harness.oracle import reference_attention
-from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, _heads_view, _row_factor
+from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor, _row_factor
+from processors.layout import heads_view
 
 HEADS, DIM = 8, 40
 INNER = HEADS * DIM
@@ -15,7 +16,7 @@ INNER = HEADS * DIM
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    backends.clear_cache()
+    planner.begin_run()
 
 
 def rand(gen, *shape):
@@ -43,7 +44,7 @@ def as_fp32(q, k, v, branches):
 def direct(q, k, v, branches):
     """`single_pass` called on BMHK views, as the processor calls it."""
     batch = q.shape[0]
-    view = lambda t: _heads_view(t, batch, HEADS)  # noqa: E731
+    view = lambda t: heads_view(t, batch, HEADS)  # noqa: E731
     segments = []
     for b in branches:
         factor = _row_factor(b.scale, b.mask, q)
@@ -90,11 +91,11 @@ def test_large_score_gaps_do_not_underflow():
 
 def processor_run(config=AttentionOpConfig(), q_len=256, lengths=(4, 4), **kw):
     q, k, v, branches = case(q_len=q_len, lengths=lengths)
-    backends.begin_run()
+    planner.begin_run()
     q, k, v, branches = as_fp32(q, k, v, branches)
     out = XFormersIPAdapterAttnProcessor(config)(q, k, v, HEADS, branches, **kw)
     q, k, v, branches = case(q_len=q_len, lengths=lengths)
-    ran = any(f": ran {sp.NAME}" in line for line in backends.run_reports())
+    ran = any(f": ran {sp.NAME}" in line for line in planner.run_reports())
     return out, reference_attention(q, k, v, HEADS, branches), ran
 
 
@@ -102,7 +103,7 @@ def test_processor_runs_single_pass_where_the_rule_applies_and_stays_exact():
     out, ref, ran = processor_run(AttentionOpConfig(op="auto"))
     assert ran
     assert (out.double() - ref).abs().max().item() <= 1e-5
-    line = next(r for r in backends.run_reports() if sp.NAME in r)
+    line = next(r for r in planner.run_reports() if sp.NAME in r)
     assert line.startswith("attention op 'auto': ran single pass (PyTorch matmuls)") and "device=cpu" in line
 
 
@@ -122,18 +123,18 @@ def test_processor_keeps_separate_calls_outside_the_rule(config, q_len, lengths)
 def test_text_bias_keeps_separate_calls():
     q, k, v, branches = case()
     bias = torch.zeros(1, 1, 256, 77)
-    backends.begin_run()
+    planner.begin_run()
     q, k, v, branches = as_fp32(q, k, v, branches)
     XFormersIPAdapterAttnProcessor()(q, k, v, HEADS, branches, text_bias=bias)
-    assert not any(sp.NAME in line for line in backends.run_reports())
+    assert not any(sp.NAME in line for line in planner.run_reports())
 
 
 def test_rule():
     q4 = torch.zeros(2, 256, HEADS, DIM)
-    assert sp.applies("auto", q4, [4, 4, 4], False)
-    assert not sp.applies("auto", q4, [], False)
-    assert not sp.applies("auto", q4, [4], True)
-    assert not sp.applies("xformers", q4, [4], False)
-    assert not sp.applies("sdpa", q4, [4], False)
-    assert not sp.applies("auto", q4.double(), [4], False)
-    assert not sp.applies("auto", q4.half(), [4], False)
+    assert sp.fits(q4, [4, 4, 4])
+    assert sp.fits(q4, [sp.MAX_IMAGE_TOKENS])
+    assert not sp.fits(q4, [sp.MAX_IMAGE_TOKENS, 1])
+    assert not sp.fits(q4, [])
+    assert not sp.fits(q4[:, :sp.MIN_QUERIES - 1], [4])
+    assert not sp.fits(q4.double(), [4])
+    assert not sp.fits(q4.half(), [4])

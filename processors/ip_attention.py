@@ -91,7 +91,7 @@ class XFormersIPAdapterAttnProcessor:
         self._batch_limit = batch_limit
         self._fused_runner = fused_runner
         self.attention_op = attention_op
-        self._derived = DerivedTensors()
+        self._derived = DerivedTensors("derived attention inputs")
 
     @property
     def attention_op(self) -> Optional[AttentionOpConfig]:

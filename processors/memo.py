@@ -4,7 +4,7 @@ The attention hot path turns the same cached inputs into the same derived tensor
 mask's log-bias, K/V with a null token appended, a per-row scale times a mask. Recomputing them costs
 kernels and allocations per call. Keyed by the identity of the source tensors (weak references, so a
 derived tensor never keeps its source alive, and goes when any source is freed) plus plain parameters, and
-bounded, so nothing here outlives the caches that own the sources.
+bounded, so nothing here outlives the caches that own the sources. Listed in `tensor_cache.cache_stats()`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 
+from .tensor_cache import tensors_in, track
+
 T = TypeVar("T")
 
 
 class DerivedTensors:
     """`get(sources, params, make)`: `make()` once per (sources, params) while every source is alive."""
 
-    def __init__(self, capacity: int = 128) -> None:
+    def __init__(self, name: str, capacity: int = 128) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], Any]] = OrderedDict()
+        track(self, name)
 
     def get(self, sources: Sequence[torch.Tensor], params: Hashable, make: Callable[[], T]) -> T:
         key = (tuple(map(id, sources)), params)
@@ -53,9 +56,5 @@ class DerivedTensors:
         return len(self._entries)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor held (for memory accounting)."""
-        held = []
-        for _, value in self._entries.values():
-            values = value if isinstance(value, tuple) else (value,)
-            held.extend(v for v in values if isinstance(v, torch.Tensor))
-        return held
+        """Every tensor held (memory accounting; a snapshot, safe while another thread samples)."""
+        return [t for _, value in list(self._entries.values()) for t in tensors_in(value)]

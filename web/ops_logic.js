@@ -1,7 +1,7 @@
 // Pure logic of the "Select Attention Op" widget: no DOM, no ComfyUI imports, so it runs under Node's test
 // runner (tests/js/). The wiring into the graph editor is attention_op_widget.js.
 //
-// Input: the JSON of GET /xformers_ipadapter/ops (design.md section 3):
+// Input: the JSON of GET /xformers_ipadapter/ops (docs/widget.md):
 //   { versions: { torch, xformers }, device, xformers_problem,
 //     ops: [{ name, available, reason, notes, tensor_bias, fused }] }
 // tensor_bias and fused are each operator's declared capabilities, served by the engine's registry

@@ -1,5 +1,5 @@
 """GET /xformers_ipadapter/ops through a running ComfyUI server, checked against the contract
-(shared/docs/design.md section 3): versions, device, and every `op` choice once, in order, with
+(README, "Nodes"; docs/widget.md): versions, device, and every `op` choice once, in order, with
 `available` booleans and a `reason` that is empty exactly when the op is available."""
 import torch
 

@@ -1,5 +1,5 @@
-// Static checks of the shipped web/ extension (the registry scanner is a plain-text matcher, see
-// shared/research/ecosystem.md section 1.5): readable ES modules, only the frontend's public imports.
+// Static checks of the shipped web/ extension (the Comfy Registry's scanner is a plain-text matcher, see
+// tests/unit/test_packaging.py): readable ES modules, only the frontend's public imports.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";

@@ -3,7 +3,7 @@
 The shipped set is what ``comfy node publish`` zips: the git-tracked files minus ``.comfyignore`` (gitignore
 syntax). Here it also includes untracked files git does not ignore, so a problem is caught before it is
 committed. The registry's scanner matches plain text (comments, docs and JSON count), and any match, even
-at severity "info", holds a version back from users (shared/research/ecosystem.md section 1.5), so
+at severity "info", holds a version back from users (the Comfy Registry's publishing rules), so
 shipped files must contain none of the patterns below.
 """
 import fnmatch

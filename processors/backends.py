@@ -248,19 +248,17 @@ def _sdpa_static_reasons(choice: str, q: torch.Tensor, bias: Any) -> list[str]:
 
 
 def _sdpa_torch_reasons(choice: str, q, k, v, bias) -> list[str]:
-    """On CUDA, ask torch itself (it explains rejections as warnings)."""
+    """On CUDA, ask torch itself (it explains rejections as warnings). `SDPAParams` is not public API: if it
+    changes, the error becomes this op's reason (`prepare`), and SDPA's default dispatch still runs."""
     check = {"sdpa:flash": "can_use_flash_attention", "sdpa:efficient": "can_use_efficient_attention",
              "sdpa:cudnn": "can_use_cudnn_attention"}.get(choice)
     if check is None or q.device.type != "cuda" or not hasattr(torch.backends.cuda, check):
         return []
-    try:
-        params = torch.backends.cuda.SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                bias if isinstance(bias, torch.Tensor) else None, 0.0, False, False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ok = getattr(torch.backends.cuda, check)(params, True)
-    except (TypeError, RuntimeError):
-        return []
+    params = torch.backends.cuda.SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                            bias if isinstance(bias, torch.Tensor) else None, 0.0, False, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = getattr(torch.backends.cuda, check)(params, True)
     return [] if ok else [str(w.message).strip() for w in caught] or [f"torch.backends.cuda.{check} is False"]
 
 

@@ -100,6 +100,30 @@ def test_any_failing_check_is_a_reason(monkeypatch):
     assert prepared.runner is None and prepared.reasons == ("checking sdpa:efficient failed: KeyError: 'renamed'",)
 
 
+class CudaLike:
+    """Stands for a CUDA tensor where this CPU machine has none: what the SDPA checks read of one."""
+
+    device, dtype, shape = torch.device("cuda"), torch.float16, (2, 64, HEADS, DIM)
+
+    def transpose(self, *dims):
+        return self
+
+
+def test_a_changed_private_torch_check_is_a_reason(monkeypatch):
+    """torch.backends.cuda.SDPAParams is private API: a changed signature rejects the kernel it guards (with
+    the reason), and plain sdpa, which needs no such check, still runs."""
+    def changed(*args):
+        raise TypeError("SDPAParams() takes 8 positional arguments but 7 were given")
+
+    monkeypatch.setattr(torch.backends.cuda, "SDPAParams", changed)
+    fake = CudaLike()
+    prepared = backends.prepare("sdpa:efficient", fake, fake, fake)
+    assert prepared.runner is None
+    assert prepared.reasons == ("checking sdpa:efficient failed: TypeError: SDPAParams() takes 8 positional "
+                                "arguments but 7 were given",)
+    assert backends.prepare("sdpa", fake, fake, fake).runner is not None
+
+
 def test_a_failing_fused_packing_is_a_reason(monkeypatch, caplog):
     fmha = require("xformers.ops.fmha")
     monkeypatch.setattr(fmha.BlockDiagonalMask, "from_tensor_lists_qkv",

@@ -37,7 +37,8 @@ def combo_problem(name: str, value: Any, options: Sequence[Any], hint: str = "")
         return f"{name}: {value!r} is not available: there is nothing to choose from{suffix}"
     expected = type(options[0]).__name__
     if not isinstance(value, type(options[0])):
-        return (f"{name} must be a {expected}, one of {_preview(options)}{suffix}; "
+        article = "an" if expected[0] in "aeiou" else "a"
+        return (f"{name} must be {article} {expected}, one of {_preview(options)}{suffix}; "
                 f"got {type(value).__name__} {value!r}")
     return f"{name}: {value!r} is not one of {_preview(options)}{suffix}"
 
@@ -62,8 +63,10 @@ def _validate(cls, **values: Any):
     """The body of every generated hook: True, or one message per wrong combo value."""
     options = combo_options(cls)
     hints: Mapping[str, str] = getattr(cls, "COMBO_HINTS", {})
+    # None: a link, unknown until run time; a list: ComfyUI's own bad_linked_input already reported it
     problems = [combo_problem(name, value, options[name], hints.get(name, ""))
-                for name, value in values.items() if value is not None and name in options]
+                for name, value in values.items() if value is not None and not isinstance(value, list)
+                and name in options]
     problems = [p for p in problems if p]
     return True if not problems else "; ".join(problems)
 

@@ -9,6 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import routes
 from .folders import register_ipadapter_folder
 from .apply import ApplyXformersIPAdapterAttention
+from .image_prep import XformersIPAdapterNoise, XformersPrepImageForClipVision
 from .load import LoadXformersIPAdapter
 from .patch_model import PatchXformersModelAttention
 from .select_op import SelectXformersAttentionOp
@@ -43,4 +44,5 @@ class XformersIPAdapterExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         setup()
         return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
-                PatchXformersModelAttention]
+                PatchXformersModelAttention,
+                XformersPrepImageForClipVision, XformersIPAdapterNoise]

@@ -15,6 +15,8 @@ from .validation import check_finite, check_image_batch, validate_clip_output
 from .weights import IPAdapterModel
 
 COMBINE_EMBEDS = ("concat", "add", "subtract", "average", "norm average")
+# Combine Embeds offers two more, element-wise over the images (the standard pack's IPAdapterCombineEmbeds).
+COMBINE_METHODS = COMBINE_EMBEDS + ("max", "min")
 
 Encoder = Callable[[torch.Tensor], Any]
 
@@ -32,9 +34,9 @@ class ImageTokens:
         return self.cond.shape[1] // self.tokens_per_image
 
 
-def check_combine(combine: str) -> None:
-    if combine not in COMBINE_EMBEDS:
-        raise IPAdapterInputError(f"combine_embeds must be one of {', '.join(COMBINE_EMBEDS)}; got {combine!r}")
+def check_combine(combine: str, options: tuple[str, ...] = COMBINE_EMBEDS, label: str = "combine_embeds") -> None:
+    if combine not in options:
+        raise IPAdapterInputError(f"{label} must be one of {', '.join(options)}; got {combine!r}")
 
 
 def combine_embeddings(embeds: torch.Tensor, combine: str) -> torch.Tensor:
@@ -44,9 +46,10 @@ def combine_embeddings(embeds: torch.Tensor, combine: str) -> torch.Tensor:
     "concat" keeps every image (their tokens are concatenated after projection); "add" sums; "subtract"
     is the first minus the mean of the others; "average" is the mean; "norm average" divides every
     element by its L2 norm *across the images* (dim 0, element-wise) and then averages. One image is
-    never combined (the "norm average" formula would otherwise reduce it to its signs).
+    never combined (the "norm average" formula would otherwise reduce it to its signs). "max" and "min"
+    (Combine Embeds only) take the element-wise maximum / minimum over the images.
     """
-    check_combine(combine)
+    check_combine(combine, COMBINE_METHODS, "method")
     if combine == "concat" or embeds.shape[0] == 1:
         return embeds
     if combine == "add":
@@ -55,6 +58,10 @@ def combine_embeddings(embeds: torch.Tensor, combine: str) -> torch.Tensor:
         return embeds[:1] - embeds[1:].mean(dim=0, keepdim=True)
     if combine == "average":
         return embeds.mean(dim=0, keepdim=True)
+    if combine == "max":
+        return embeds.amax(dim=0, keepdim=True)
+    if combine == "min":
+        return embeds.amin(dim=0, keepdim=True)
     norms = torch.linalg.vector_norm(embeds, dim=0, keepdim=True)
     return (embeds / norms).mean(dim=0, keepdim=True)
 
@@ -89,21 +96,39 @@ def project(model: IPAdapterModel, embeds: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def image_tokens(model: IPAdapterModel, encode: Encoder, image: torch.Tensor,
-                 image_negative: torch.Tensor | None = None, combine: str = "concat") -> ImageTokens:
-    """Encode `image` (and `image_negative`), combine and project them into cond/uncond image tokens.
+def encode_embeddings(model: IPAdapterModel, encode: Encoder, image: torch.Tensor,
+                      image_negative: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP features `model` is fed with (float32) for `image` and for the negative side: the encoded
+    `image_negative`, else the original IP-Adapter's uncond (zeros, or a black image's hidden states)."""
+    image = check_image_batch(image, "image")
+    positive = encode_positive(model, encode, image)
+    return positive, _negative_embeds(model, encode, image, image_negative, positive)
+
+
+def encode_positive(model: IPAdapterModel, encode: Encoder, image: torch.Tensor, label: str = "image") -> torch.Tensor:
+    """The CLIP features `model` is fed with for `image` (float32), checked."""
+    return validate_clip_output(model.info, encode(check_image_batch(image, label))).float()
+
+
+def tokens_from_embeddings(model: IPAdapterModel, positive: torch.Tensor, negative: torch.Tensor,
+                           combine: str = "concat") -> ImageTokens:
+    """Combine and project CLIP features into cond/uncond image tokens.
 
     For "concat" the n images give n*T tokens, and the negative is trimmed or padded (last image
     repeated) to n images so both rows have the same length; other modes keep one negative image,
     as the standard pack does.
     """
-    image = check_image_batch(image, "image")
     check_combine(combine)
-    positive = validate_clip_output(model.info, encode(image)).float()
-    negative = _negative_embeds(model, encode, image, image_negative, positive)
     cond_embeds = combine_embeddings(positive, combine)
     uncond_embeds = _resize_batch(negative, positive.shape[0]) if combine == "concat" else negative[:1]
     cond, uncond = project(model, cond_embeds), project(model, uncond_embeds)
     per_image = cond.shape[1]
     return ImageTokens(cond=cond.reshape(1, -1, cond.shape[-1]), uncond=uncond.reshape(1, -1, uncond.shape[-1]),
                        tokens_per_image=per_image)
+
+
+def image_tokens(model: IPAdapterModel, encode: Encoder, image: torch.Tensor,
+                 image_negative: torch.Tensor | None = None, combine: str = "concat") -> ImageTokens:
+    """Encode `image` (and `image_negative`), combine and project them into cond/uncond image tokens."""
+    check_combine(combine)
+    return tokens_from_embeddings(model, *encode_embeddings(model, encode, image, image_negative), combine)

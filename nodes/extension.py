@@ -13,6 +13,7 @@ from .image_prep import XformersIPAdapterNoise, XformersPrepImageForClipVision
 from .load import LoadXformersIPAdapter
 from .patch_model import PatchXformersModelAttention
 from .select_op import SelectXformersAttentionOp
+from .unified_loader import XformersIPAdapterUnifiedLoader
 
 logger = logging.getLogger(__name__)
 
@@ -44,5 +45,5 @@ class XformersIPAdapterExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         setup()
         return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
-                PatchXformersModelAttention,
+                PatchXformersModelAttention, XformersIPAdapterUnifiedLoader,
                 XformersPrepImageForClipVision, XformersIPAdapterNoise]

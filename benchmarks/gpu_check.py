@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from processors import backends  # noqa: E402
+from processors import backends, planner  # noqa: E402
 from processors.backends import OP_CHOICES, AttentionOpConfig  # noqa: E402
 from processors.bias import aligned_bias  # noqa: E402
 from processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor  # noqa: E402
@@ -105,9 +105,9 @@ def processor_rows(device, dtypes, shapes, repeats):
             for op in ("auto", "xformers", "sdpa"):
                 for fused in (False, True):
                     processor = XFormersIPAdapterAttnProcessor(AttentionOpConfig(op=op, fused=fused))
-                    backends.begin_run()
+                    planner.begin_run()
                     out = processor(*args)
-                    ran = " | ".join(r.split(": ran ")[1].split(" because")[0] for r in backends.run_reports())
+                    ran = " | ".join(_what_ran(line) for line in planner.run_reports())
                     error = relative_error(out, ref)
                     micros = timed(lambda: processor(*args), device, repeats)
                     ok = error <= TOLERANCE[dtype]
@@ -118,16 +118,25 @@ def processor_rows(device, dtypes, shapes, repeats):
     return rows, failures
 
 
+def _what_ran(report_line: str) -> str:
+    """The operator or formulation a report line names, without its reasons (notes are kept whole)."""
+    if ": ran " not in report_line:
+        return report_line
+    return report_line.split(": ran ", 1)[1].split(" because")[0]
+
+
 def grid_limit_check(device, dtype) -> list[str]:
     """A batch beyond 65,535 (the CUDA grid's batch axis) must be chunked, not crash."""
     batch = 65_536 + 8
     gen = torch.Generator(device="cpu").manual_seed(2)
     q = torch.randn(batch, 16, 1, 64, generator=gen).to(device, dtype)
     k = torch.randn(batch, 8, 1, 64, generator=gen).to(device, dtype)
-    out = backends.attention(q, k, k, op="auto")
-    ref = backends.attention(q.float(), k.float(), k.float(), op="sdpa:math")
+    planner.begin_run()
+    out = planner.Planner(AttentionOpConfig(op="auto")).attention(q, k, k)
+    report = planner.run_reports()[-1]
+    ref = planner.Planner(AttentionOpConfig(op="sdpa:math")).attention(q.float(), k.float(), k.float())
     error = relative_error(out, ref)
-    print(f"\nbatch {batch} (beyond the grid limit): {backends.run_reports()[-1]}; relative error {error:.2e}")
+    print(f"\nbatch {batch} (beyond the grid limit): {report}; relative error {error:.2e}")
     return [] if error <= TOLERANCE[dtype] else [f"grid-limit batch: relative error {error:.2e}"]
 
 

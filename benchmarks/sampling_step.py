@@ -1,10 +1,17 @@
 """Per-step cost of the IP-Adapter in a real ComfyUI KSampler run (comfy.sample.sample, euler, CFG batch 2).
 
-Models: the tests' tiny UNet, and full-size SD1.5- / SDXL-shaped UNets (ComfyUI's UNetModel from the model
-configs, random weights filled in memory, wrapped in a ModelPatcher as comfy.sd does). The adapter is a
+Models: the tiny UNet of the harness, and full-size SD1.5- / SDXL-shaped UNets (ComfyUI's UNetModel from the
+model configs, random weights filled in memory, wrapped in a ModelPatcher as comfy.sd does). The adapter is a
 random "base" IP-Adapter (4 image tokens) with to_k_ip/to_v_ip sized for every attn2 site (16 SD1.5, 70
-SDXL), applied with the pack's real node (ApplyXformersIPAdapterAttention.execute), so the measured path is
-the shipped one. Per step = wall time of a warm sampling run / steps, median over interleaved repeats.
+SDXL), applied with the pack's real nodes, so the measured path is the shipped one.
+
+Both runs use the SAME attention operator (`--op`, default auto), so their difference is the adapter alone:
+  plain       the model through Patch Model Attention (PatchXformersModelAttention.execute) on that op: every
+              self- and cross-attention on our operator registry
+  ip-adapter  that patched model through Apply xformers IP-Adapter Attention (no attention_op of its own,
+              so it follows the model's operator)
+Per step = wall time of a warm sampling run / steps; the two runs alternate round after round, the overhead
+is the median of the per-round ratios with its 95 % confidence interval (common.estimate).
 
 CPU (default): tiny at 64x64, SD1.5 at 256x256, fp32. GPU (--device cuda): tiny, SD1.5 512x512 and SDXL
 1024x1024 in fp16.
@@ -14,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from common import RESULTS, Table, environment, pyplot, setup_threads, sync, write_results
+from common import (RESULTS, Table, bootstrap_comfy, environment, estimate, pyplot, setup_threads, time_rounds,
+                    write_results)
 
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
@@ -51,19 +56,7 @@ def bootstrap(device: str):
     """ComfyUI in-process (--cpu on CPU, its default device otherwise) and the pack as ComfyUI loads it."""
     from harness import comfy_bootstrap
 
-    if device == "cpu":
-        comfy_bootstrap.bootstrap()
-    else:  # the tests' bootstrap always passes --cpu
-        path = str(comfy_bootstrap.resolve_comfyui())
-        sys.path.insert(0, path)
-        saved, sys.argv = sys.argv, [sys.argv[0]]
-        try:
-            import comfy.options
-
-            comfy.options.enable_args_parsing()
-            import comfy.cli_args  # noqa: F401
-        finally:
-            sys.argv = saved
+    bootstrap_comfy(device)
     comfy_bootstrap.load_pack()
     from harness import host_helpers, tiny_models
 
@@ -130,51 +123,52 @@ def sampler(model, setup: Setup, cross: int, sdxl: bool) -> Callable[[], torch.T
                                        latent, seed=0, disable_pbar=True)
 
 
-def time_runs(fns: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+def time_runs(fns: dict[str, Callable], repeats: int, device: str):
     for fn in fns.values():
         fn()  # warm-up: model load, K/V cache, operator resolution
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return time_rounds(fns, device, repeats)
 
 
-def measure(hh, tm, name: str, model, setup: Setup, cross: int, device: str, workdir) -> dict:
+def same_op_pair(hh, tm, model, cross: int, op: str, workdir):
+    """(plain, ip-adapter) models on one operator: Patch Model Attention, then the adapter applied to it."""
+    config = hh.pack_module("processors.backends").AttentionOpConfig(op=op)
+    plain = hh.pack_module("nodes.patch_model").PatchXformersModelAttention.execute(model, config).result[0]
     apply_node = hh.pack_module("nodes.apply").ApplyXformersIPAdapterAttention
-    sdxl = cross == 2048
     adapter = random_adapter(hh, tm, model, cross)
-    clip_vision = hh.tiny_clip_vision(workdir)
-    patched = apply_node.execute(model, adapter, clip_vision, hh.image(0), weight=1.0, weight_type="linear",
-                                 start_at=0.0, end_at=1.0, combine_embeds="concat",
+    patched = apply_node.execute(plain, adapter, hh.tiny_clip_vision(workdir), hh.image(0), weight=1.0,
+                                 weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
                                  embeds_scaling="V only").result[0]
-    backends = hh.pack_module("processors.backends")
-    backends.begin_run()
+    return plain, patched
+
+
+def measure(hh, tm, name: str, model, setup: Setup, cross: int, device: str, op: str, workdir) -> dict:
+    sdxl = cross == 2048
+    plain, patched = same_op_pair(hh, tm, model, cross, op, workdir)
+    planner = hh.pack_module("processors.planner")  # the report lines of the run come from the planner
+    planner.begin_run()
     with torch.inference_mode():
-        times = time_runs({"plain": sampler(model, setup, cross, sdxl),
-                           "ip-adapter": sampler(patched, setup, cross, sdxl)}, setup.repeats, device)
-    per_step = {k: v / setup.steps for k, v in times.items()}
-    result = {"model": name, "size": setup.size, "steps": setup.steps, "repeats": setup.repeats,
+        timings = time_runs({"plain": sampler(plain, setup, cross, sdxl),
+                             "ip-adapter": sampler(patched, setup, cross, sdxl)}, setup.repeats, device)
+    per_step = {k: estimate([t / setup.steps for t in v]) for k, v in timings.samples.items()}
+    overhead = timings.ratio("ip-adapter", "plain")
+    result = {"model": name, "op": op, "size": setup.size, "steps": setup.steps, "repeats": setup.repeats,
               "sites": len(hh.pack_module("nodes.sites").attn2_sites(model)),
-              "plain_s": per_step["plain"], "ip_s": per_step["ip-adapter"],
-              "ratio": per_step["ip-adapter"] / per_step["plain"], "reports": backends.run_reports()}
-    print(f"{name:10s} {setup.size}x{setup.size}: plain {result['plain_s'] * 1e3:9.1f} ms/step, IP-Adapter "
-          f"{result['ip_s'] * 1e3:9.1f} ms/step, ratio {result['ratio']:.3f}", flush=True)
+              "plain_s": per_step["plain"].as_dict(), "ip_s": per_step["ip-adapter"].as_dict(),
+              "ratio": overhead.as_dict(), "samples_s": timings.samples, "reports": planner.run_reports()}
+    print(f"{name:6s} {setup.size}x{setup.size} op {op}: plain {per_step['plain'].text('.4f')} s/step, IP-Adapter "
+          f"{per_step['ip-adapter'].text('.4f')} s/step, ratio {overhead.text('.3f')}", flush=True)
     return result
 
 
 def plan(device: str, quick: bool, dtype: torch.dtype) -> list[tuple[str, Optional[dict], Setup, int]]:
-    """(name, unet config or None for the tiny UNet, setup, cross dim)."""
+    """(name, unet config or None for the tiny UNet, setup, cross dim). Rounds: 6 or more give a 95 % interval
+    of the median (common.estimate); the full-size CPU model gets as many as ~4 minutes allow."""
     if device.startswith("cuda"):
-        return [("tiny", None, Setup("tiny", 64, 10, 10), 768),
-                ("SD1.5", SD15_UNET, Setup("SD1.5", 512, 10, 5), 768),
-                ("SDXL", SDXL_UNET, Setup("SDXL", 1024, 5, 3), 2048)]
-    return [("tiny", None, Setup("tiny", 64, 4, 5 if quick else 15), 768),
-            ("SD1.5", SD15_UNET, Setup("SD1.5", 256, 1 if quick else 2, 2 if quick else 4), 768)]
+        return [("tiny", None, Setup("tiny", 64, 10, 15), 768),
+                ("SD1.5", SD15_UNET, Setup("SD1.5", 512, 10, 9), 768),
+                ("SDXL", SDXL_UNET, Setup("SDXL", 1024, 5, 7), 2048)]
+    return [("tiny", None, Setup("tiny", 64, 4, 9 if quick else 41), 768),
+            ("SD1.5", SD15_UNET, Setup("SD1.5", 256, 1 if quick else 2, 3 if quick else 11), 768)]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -186,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.models and name not in args.models:
                 continue
             model = full_unet(tm.TINY_UNET_CONFIG if config is None else config, dtype)
-            results.append(measure(hh, tm, name, model, setup, cross, args.device, workdir))
+            results.append(measure(hh, tm, name, model, setup, cross, args.device, args.op, workdir))
             del model
     return results
 
@@ -194,31 +188,52 @@ def run(args: argparse.Namespace) -> list[dict]:
 def report(args: argparse.Namespace, results: list[dict]) -> None:
     stem = args.stem or f"sampling_step_{'gpu' if args.device.startswith('cuda') else 'cpu'}" + (
         "_quick" if args.quick else "")
-    t = Table(["model", "attn2 sites", "size", "steps x repeats", "plain ms/step", "IP-Adapter ms/step",
-               "overhead ratio", "added"])
+    t = Table(["model", "op", "attn2 sites", "size", "steps x rounds", "plain ms/step", "IP-Adapter ms/step",
+               "overhead ratio (95 % CI)", "added"])
     for r in results:
-        t.add(r["model"], r["sites"], f"{r['size']}x{r['size']}", f"{r['steps']} x {r['repeats']}",
-              f"{r['plain_s'] * 1e3:.1f}", f"{r['ip_s'] * 1e3:.1f}", f"{r['ratio']:.3f}",
-              f"{(r['ratio'] - 1) * 100:+.1f} %")
+        ratio = r["ratio"]
+        low, high = ratio["ci95"]
+        t.add(r["model"], r["op"], r["sites"], f"{r['size']}x{r['size']}", f"{r['steps']} x {r['repeats']}",
+              _ms(r["plain_s"]), _ms(r["ip_s"]), f"{ratio['median']:.3f} [{low:.3f}, {high:.3f}]",
+              f"{(ratio['median'] - 1) * 100:+.1f} % [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     labels = [f"{r['model']}\n{r['size']}px" for r in results]
-    ax.bar(labels, [r["ratio"] for r in results], color="tab:blue")
+    medians = [r["ratio"]["median"] for r in results]
+    errors = [[m - r["ratio"]["ci95"][0] for m, r in zip(medians, results)],
+              [r["ratio"]["ci95"][1] - m for m, r in zip(medians, results)]]
+    ax.bar(labels, medians, yerr=errors, capsize=4, color="tab:blue")
     ax.axhline(1.05, color="red", linestyle="--", linewidth=1, label="goal: +5 %")
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylim(0.9, max(1.1, max(r["ratio"] for r in results) + 0.05))
-    ax.set_ylabel("step time with / without IP-Adapter")
+    ax.set_ylim(0.9, max(1.1, max(r["ratio"]["ci95"][1] for r in results) + 0.05))
+    ax.set_ylabel("step time with / without IP-Adapter\n(same operator; bars: 95 % CI)", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = f"{stem}.png"
     fig.savefig(RESULTS / png, dpi=110)
     plt.close(fig)
     reports = sorted({line for r in results for line in r["reports"]})
-    sections = [("Per-step overhead of the IP-Adapter", f"![plot]({png})\n\n" + t.markdown()),
+    sections = [("How to read", READING),
+                ("Per-step overhead of the IP-Adapter", f"![plot]({png})\n\n" + t.markdown()),
                 ("What ran (resolution reports)", "\n".join(f"- {line}" for line in reports) or "none")]
     path = write_results(stem, "KSampler step with and without the IP-Adapter", environment(args.device),
                          sections, results)
     print(f"wrote {path}")
+
+
+def _ms(per_step: dict) -> str:
+    low, high = per_step["ci95"]
+    return f"{per_step['median'] * 1e3:.1f} ±{max(per_step['median'] - low, high - per_step['median']) * 1e3:.1f}"
+
+
+READING = (
+    "`plain`: the model through Patch Model Attention on the op; `IP-Adapter`: that model with the adapter "
+    "applied (it follows the model's op), so both run every attention on the same operator and the ratio is "
+    "the adapter's cost alone. Per step: wall time of one warm sampling run / steps. The two runs alternate, "
+    "one each per round; ms/step: median over rounds ± the half-width of its 95 % confidence interval; "
+    "overhead: median of the per-round ratios IP-Adapter / plain, with its 95 % confidence interval "
+    "(distribution-free, order statistics). An interval that contains 1.000 means no overhead is measurable "
+    "at that noise.")
 
 
 def main() -> None:
@@ -227,6 +242,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     parser.add_argument("--threads", type=int, help="CPU threads (default 1: stable on a shared machine)")
     parser.add_argument("--models", nargs="*", help="subset of: tiny SD1.5 SDXL")
+    parser.add_argument("--op", default="auto", help="the attention op of both runs (default auto)")
     parser.add_argument("--stem", help="results file stem")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # ComfyUI warns about models it unloads between setups

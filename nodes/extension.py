@@ -9,11 +9,13 @@ from comfy_api.latest import ComfyExtension, io
 from . import routes
 from .folders import register_ipadapter_folder
 from .apply import ApplyXformersIPAdapterAttention
+from .embeds import NODES as EMBEDS_NODES
 from .image_prep import XformersIPAdapterNoise, XformersPrepImageForClipVision
 from .load import LoadXformersIPAdapter
 from .patch_model import PatchXformersModelAttention
 from .select_op import SelectXformersAttentionOp
 from .unified_loader import XformersIPAdapterUnifiedLoader
+from .style_composition import ApplyXformersIPAdapterStyleComposition
 
 logger = logging.getLogger(__name__)
 
@@ -46,4 +48,5 @@ class XformersIPAdapterExtension(ComfyExtension):
         setup()
         return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
                 PatchXformersModelAttention, XformersIPAdapterUnifiedLoader,
-                XformersPrepImageForClipVision, XformersIPAdapterNoise]
+                XformersPrepImageForClipVision, XformersIPAdapterNoise,
+                *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition]

@@ -4,5 +4,7 @@ from comfy_api.latest import io
 
 AttentionOp = io.Custom("ATTENTION_OP")
 XformersIPAdapter = io.Custom("XFORMERS_IPADAPTER")
+# CLIP vision features for an adapter, weight applied (processors/ipadapter/embeds.py AdapterEmbeds)
+XformersIPAdapterEmbeds = io.Custom("XFORMERS_IPADAPTER_EMBEDS")
 
 CATEGORY = "xformers IP-Adapter"

@@ -135,6 +135,13 @@ def _translate(mapping: NodeMapping, where: str, name: str, value: Any, object_i
     return ours, value
 
 
+def _mapping_for(kind: str, where: str, report: Report) -> Optional[NodeMapping]:
+    """The conversion of a node type; None (reported for the standard pack's other nodes) to leave it."""
+    if kind in OTHER_STANDARD_NODES:
+        report.problems.append(f"{where}: no equivalent node in this pack; left as it is")
+    return MAPPINGS.get(kind)
+
+
 # --- API form ---------------------------------------------------------------------------------------------
 
 def _api_source(prompt: Mapping[str, dict], value: Any) -> Optional[tuple[str, int]]:
@@ -151,10 +158,7 @@ def convert_api(prompt: Mapping[str, dict], object_info: Optional[Mapping] = Non
     for node_id, node in out.items():
         kind = node.get("class_type")
         where = f"node {node_id} ({kind})"
-        if kind in OTHER_STANDARD_NODES:
-            report.problems.append(f"{where}: no equivalent node in this pack; left as it is")
-            continue
-        mapping = MAPPINGS.get(kind)
+        mapping = _mapping_for(kind, where, report)
         if mapping is None:
             continue
         inputs: dict[str, Any] = {}
@@ -229,10 +233,7 @@ def convert_ui(workflow: Mapping, object_info: Mapping[str, dict]) -> tuple[dict
     for node in out["nodes"]:
         kind = node["type"]
         where = f"node {node['id']} ({kind})"
-        if kind in OTHER_STANDARD_NODES:
-            report.problems.append(f"{where}: no equivalent node in this pack; left as it is")
-            continue
-        mapping = MAPPINGS.get(kind)
+        mapping = _mapping_for(kind, where, report)
         if mapping is None:
             for slot in node.get("inputs") or []:
                 slot["type"] = TYPE_RENAMES.get(slot.get("type"), slot.get("type"))

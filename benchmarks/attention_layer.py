@@ -439,8 +439,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, float16 bfloat16 on GPU")
     parser.add_argument("--ops", nargs="*", help="default: auto sdpa:math on CPU, every op choice on GPU")
-    parser.add_argument("--quick", action="store_true", help="4 image tokens only, short timing budget")
-    parser.add_argument("--budget", type=float, help="seconds of timing per case (default 2.5 CPU, 0.2 GPU)")
+    parser.add_argument("--quick", action="store_true", help="4 image tokens only, 5 rounds (no 95 %% interval)")
+    parser.add_argument("--budget", type=float, help="seconds of timing per case, wall time (default 0.5 CPU, "
+                                                                "0.2 GPU; --rounds is the floor)")
     parser.add_argument("--rounds", type=int, help="at least this many interleaved rounds per case (default 7: "
                                                   "the 95 %% interval of a median needs 6 or more)")
     parser.add_argument("--threads", type=int, help="CPU threads (default 1: stable on a shared machine)")
@@ -458,7 +459,7 @@ def main() -> None:
     bootstrap_comfy(args.device, () if gpu else ("--use-pytorch-cross-attention",))
     dtypes = args.dtypes or (["float16", "bfloat16"] if gpu else ["float32"])
     requested = args.ops or (list(OP_CHOICES) if gpu else ["auto", "sdpa:math"])
-    budget = args.budget or (0.2 if gpu else (0.4 if args.quick else 2.5))
+    budget = args.budget or (0.2 if gpu else 0.5)
     rounds = args.rounds or (5 if args.quick else 7)
     tokens = (4,) if args.quick else IMAGE_TOKENS
     results, skipped_all = [], {}

@@ -35,6 +35,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> Callable[[], float]:
+    """The timer of a sample. GPU: wall time between synchronizations. CPU: the process's CPU time
+    (`time.process_time`): on a machine shared with other jobs, wall time also counts the slices the
+    scheduler gives to them, which varies from one sample to the next; with one thread (`setup_threads`) the
+    CPU time is the work the call itself did (memory and cache contention from other jobs still count)."""
+    return time.perf_counter if device.startswith("cuda") else time.process_time
+
+
 def _inner_iterations(fn: Callable[[], object], device: str, target_s: float = 2e-3) -> int:
     """Calls per timed sample: 1 on CPU; on a GPU enough to cover launch-latency noise."""
     if not device.startswith("cuda"):
@@ -138,16 +146,17 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, budget_s
 def time_rounds(fns: dict[str, Callable[[], object]], device: str, repeats: int,
                 inner: Optional[dict[str, int]] = None) -> Timings:
     """`repeats` interleaved rounds of already warm fns; `inner` calls per sample (default 1)."""
+    now = clock(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             calls = (inner or {}).get(name, 1)
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(calls):
                 fn()
             sync(device)
-            samples[name].append((time.perf_counter() - t0) / calls)
+            samples[name].append((now() - t0) / calls)
     return Timings(samples)
 
 

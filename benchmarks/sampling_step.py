@@ -162,13 +162,13 @@ def measure(hh, tm, name: str, model, setup: Setup, cross: int, device: str, op:
 
 def plan(device: str, quick: bool, dtype: torch.dtype) -> list[tuple[str, Optional[dict], Setup, int]]:
     """(name, unet config or None for the tiny UNet, setup, cross dim). Rounds: 6 or more give a 95 % interval
-    of the median (common.estimate); the full-size CPU model gets as many as ~4 minutes allow."""
+    of the median (common.estimate); the full-size CPU model gets as many as ~3 minutes of CPU time allow."""
     if device.startswith("cuda"):
         return [("tiny", None, Setup("tiny", 64, 10, 15), 768),
                 ("SD1.5", SD15_UNET, Setup("SD1.5", 512, 10, 9), 768),
                 ("SDXL", SDXL_UNET, Setup("SDXL", 1024, 5, 7), 2048)]
-    return [("tiny", None, Setup("tiny", 64, 4, 9 if quick else 41), 768),
-            ("SD1.5", SD15_UNET, Setup("SD1.5", 256, 1 if quick else 2, 3 if quick else 11), 768)]
+    return [("tiny", None, Setup("tiny", 64, 4, 7 if quick else 21), 768),
+            ("SD1.5", SD15_UNET, Setup("SD1.5", 256, 1 if quick else 2, 3 if quick else 7), 768)]
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -19,7 +19,8 @@ from . import REPO_ROOT
 EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 API_DIR = EXAMPLES_DIR / "api"
 
-WORKFLOWS = ("sd15_image_prompt", "sdxl_style_transfer", "two_adapters_regional_masks", "patch_model_attention")
+WORKFLOWS = ("sd15_image_prompt", "sdxl_style_transfer", "two_adapters_regional_masks", "patch_model_attention",
+             "unified_loader_chain")
 BASIC = "sd15_image_prompt"
 
 # Frontend-only nodes: never sent to /prompt.

@@ -50,3 +50,31 @@ def test_converted_standard_workflow_runs_over_prompt(comfy_server, tiny_models,
     assert "execution_error" not in kinds, json.dumps(messages)[-3000:] + comfy_server.log_tail()
     executed = {m["data"]["node"] for m in messages if m["type"] == "executed"}
     assert "13" in executed  # SaveImage: the whole converted graph ran, prep and noise included
+
+
+def test_converted_unified_loader_and_embeds_workflow_runs_over_prompt(comfy_server, tiny_models, tmp_path):
+    """The unified-loader pipeline (loader -> encoder -> combine -> apply embeds -> simple apply), converted."""
+    standard = json.loads((FIXTURES / "standard_unified_api.json").read_text())
+    tail = json.loads((FIXTURES / "standard_advanced_api.json").read_text())
+    graph = {k: v for k, v in standard.items() if k not in ("9", "11")}  # style & composition is SDXL-tuned
+    graph["1"] = tail["1"]
+    graph["2"]["inputs"]["preset"] = "STANDARD (medium strength)"
+    graph["8"]["inputs"]["weight_type"] = "linear"
+    graph["10"]["inputs"]["model"] = ["8", 0]
+    graph.update({f"t{k}": v for k, v in tail.items() if k in ("8", "9", "10", "11", "12", "13")})
+    for node in graph.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and node in [graph[f"t{k}"] for k in ("8", "9", "10", "11", "12", "13")]:
+                source = value[0]
+                node["inputs"][name] = [source if source == "1" else ("10" if source == "7" else f"t{source}"),
+                                        value[1]]
+    converted, report = migration.convert(graph)
+    assert report.problems == []
+    reference = write_reference_image(tmp_path / "migration_style.png", seed=4, size=96)
+    uploaded = comfy_server.upload_image(reference)["name"]
+    prompt = replace_images(tinyize(converted, tiny_models, size=64, steps=2),
+                            {"style.png": uploaded, "layout.png": uploaded})
+    _, messages = comfy_server.run_ws(prompt, timeout=600)
+    assert "execution_error" not in [m["type"] for m in messages], \
+        json.dumps(messages)[-3000:] + comfy_server.log_tail()
+    assert "t13" in {m["data"]["node"] for m in messages if m["type"] == "executed"}

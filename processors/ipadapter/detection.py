@@ -96,7 +96,10 @@ def _variant(projection: str, cfg: Mapping[str, int]) -> tuple[str, int, str, in
 
 
 def detect_adapter(state_dict: Mapping[str, Mapping[str, torch.Tensor]]) -> AdapterInfo:
-    """Detect an adapter from a nested {"image_proj": ..., "ip_adapter": ...} state dict's shapes."""
+    """Detect an adapter from a nested {"image_proj": ..., "ip_adapter": ...} state dict's shapes.
+
+    Only `.shape` is read, so meta tensors work too: identify.py feeds shapes read from a file header that way,
+    and loaded and unloaded files follow these same rules."""
     projection, cfg = projection_config(state_dict["image_proj"])
     variant, tokens, clip_output, clip_width, token_width = _variant(projection, cfg)
     inner, context = _site_shapes(state_dict["ip_adapter"])

@@ -159,3 +159,17 @@ def test_stock_clip_vision_loader_loads_the_pick(loader, unet, model_folders, ti
     assert adapter.name == "anything.safetensors" and adapter.info.clip_encoder == "ViT-L"
     assert isinstance(clip_vision, comfy.clip_vision.ClipVisionModel)
     assert clip_vision.model.visual_projection.weight.shape == (768, 1024)
+
+
+def test_schema_is_the_contract_with_tooltips_and_registered(loader):
+    import asyncio
+
+    node = loader.XformersIPAdapterUnifiedLoader
+    schema = node.define_schema()
+    assert schema.node_id == "XformersIPAdapterUnifiedLoader"
+    assert schema.display_name == "IP-Adapter Unified Loader (xformers)"
+    assert [(i.id, i.optional) for i in schema.inputs] == [("model", False), ("preset", False), ("ipadapter", True)]
+    assert [o.display_name for o in schema.outputs] == ["model", "ipadapter", "clip_vision"]
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs) and schema.description
+    extension = hh.pack_module("nodes.extension").XformersIPAdapterExtension()
+    assert node in asyncio.run(extension.get_node_list())

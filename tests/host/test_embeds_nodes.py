@@ -187,3 +187,15 @@ def test_style_composition_is_two_applications_with_the_table_weights(nodes, une
         style_composition.ApplyXformersIPAdapterStyleComposition.execute(
             unet, adapters["base"], clip_vision, style, composition[:0], weight_style=1.0, weight_composition=1.0,
             expand_style=True, combine_embeds="average", **args)
+
+
+def test_every_new_node_has_tooltips_a_description_and_a_help_page(nodes):
+    from pathlib import Path
+
+    embeds, _, style_composition = nodes
+    docs = Path(embeds.__file__).resolve().parents[1] / "web" / "docs"
+    for node in [*embeds.NODES, style_composition.ApplyXformersIPAdapterStyleComposition]:
+        schema = node.define_schema()
+        assert schema.description and (docs / f"{schema.node_id}.md").is_file(), schema.node_id
+        for item in [*schema.inputs, *schema.outputs]:
+            assert item.tooltip, (schema.node_id, getattr(item, "id", item))

@@ -69,11 +69,14 @@ class Payload:
 
 
 def test_a_bin_with_code_references_is_refused_not_run(tmp_path):
-    path = tmp_path / "evil.bin"
-    with open(path, "wb") as f:
+    zipped, legacy = tmp_path / "evil.bin", tmp_path / "evil_legacy.bin"
+    torch.save({"image_proj.proj.weight": Payload()}, zipped)  # torch's zip format: the unpickler is asked
+    with open(legacy, "wb") as f:
         pickle.dump({"image_proj.proj.weight": Payload()}, f)
-    found = identify(path)
-    assert found.info is None and "only tensor files" in found.problem
+    for path in (zipped, legacy):
+        found = identify(path)
+        assert found.info is None and "only tensor files" in found.problem, found.problem
+    assert "UnpicklingError: Weights only load failed" in identify(zipped).problem  # refused by the unpickler
 
 
 # --- CLIP vision --------------------------------------------------------------------------------------------

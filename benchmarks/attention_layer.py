@@ -516,10 +516,12 @@ def serializable(result: dict) -> dict:
 
 
 READING = (
-    "Each figure is the median over interleaved rounds (every variant timed once per round, round after "
-    "round), followed by `±` the half-width of its 95 % confidence interval (distribution-free: order "
-    "statistics of the per-round values; the wider side). Ratios are taken per round, so a load change on "
-    "the shared machine hits numerator and denominator alike. `text ms`: the text-only attention (77 tokens) "
+    "Times: the process's CPU time on CPU (one thread; wall time would count other jobs on this shared "
+    "machine), wall time between synchronizations on a GPU. Each figure is the median over interleaved rounds "
+    "(every variant timed once per round, round after round), followed by `±` the half-width of its 95 % "
+    "confidence interval (distribution-free: order statistics of the per-round values; the wider side). "
+    "Ratios are taken per round, so a load change on the shared machine hits numerator and denominator "
+    "alike. `text ms`: the text-only attention (77 tokens) "
     "on the operator. `x` columns: ratio to a text-only call on the same kernel: our rows to `text`; `pack` "
     "to ComfyUI's attention function on the text alone; diffusers rows to diffusers' text-only processor on "
     "the same module (they include the to_q/k/v/out projections). `ours`: the shipped processor (image K/V "

@@ -10,8 +10,9 @@ Both runs use the SAME attention operator (`--op`, default auto), so their diffe
               self- and cross-attention on our operator registry
   ip-adapter  that patched model through Apply xformers IP-Adapter Attention (no attention_op of its own,
               so it follows the model's operator)
-Per step = wall time of a warm sampling run / steps; the two runs alternate round after round, the overhead
-is the median of the per-round ratios with its 95 % confidence interval (common.estimate).
+Per step = time of a warm sampling run / steps (CPU: process CPU time, GPU: wall time; common.clock); the two
+runs alternate round after round, the overhead is the median of the per-round ratios with its 95 %
+confidence interval (common.estimate).
 
 CPU (default): tiny at 64x64, SD1.5 at 256x256, fp32. GPU (--device cuda): tiny, SD1.5 512x512 and SDXL
 1024x1024 in fp16.
@@ -229,7 +230,8 @@ def _ms(per_step: dict) -> str:
 READING = (
     "`plain`: the model through Patch Model Attention on the op; `IP-Adapter`: that model with the adapter "
     "applied (it follows the model's op), so both run every attention on the same operator and the ratio is "
-    "the adapter's cost alone. Per step: wall time of one warm sampling run / steps. The two runs alternate, "
+    "the adapter's cost alone. Per step: time of one warm sampling run / steps (CPU: the process's CPU time, "
+    "one thread; GPU: wall time). The two runs alternate, "
     "one each per round; ms/step: median over rounds ± the half-width of its 95 % confidence interval; "
     "overhead: median of the per-round ratios IP-Adapter / plain, with its 95 % confidence interval "
     "(distribution-free, order statistics). An interval that contains 1.000 means no overhead is measurable "

@@ -58,6 +58,9 @@ def bootstrap(extra_args: tuple[str, ...] | list[str] = ()) -> Path:
 
         comfy.options.enable_args_parsing()
         import comfy.cli_args  # noqa: F401  (parses sys.argv once, here)
+        # As main.py does before anything imports ComfyUI's `nodes` (which puts comfy/ first on sys.path, where
+        # comfy/utils.py would then shadow ComfyUI's top-level `utils` package for later imports).
+        import utils.extra_config  # noqa: F401
     finally:
         sys.argv = saved
     _state.update(path=path, args=args)

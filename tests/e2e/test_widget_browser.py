@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -117,8 +118,9 @@ def editor(playwright_api, server, *, vue: bool, ops: dict | None = None):
     try:
         context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server.base_url)
                       else route.abort())
-        if ops is not None:
-            context.route(f"**{ROUTE}*", lambda route: route.fulfill(json=ops, headers={"Cache-Control": "no-store"}))
+        if ops is not None:  # only the route itself (the pack's own JS lives under /extensions/xformers_ipadapter/)
+            context.route(lambda url: urlsplit(url).path in (ROUTE, "/api" + ROUTE),
+                          lambda route: route.fulfill(json=ops, headers={"Cache-Control": "no-store"}))
         context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true');"
                                 "localStorage.setItem('comfy.vueNodesMigration.dismissed', 'true');" + HELPERS)
         page = context.pages[0] if context.pages else context.new_page()

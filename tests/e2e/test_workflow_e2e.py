@@ -92,7 +92,7 @@ def test_object_info_matches_the_contract(comfy_server):
     assert required["embeds_scaling"][1]["options"] == ["V only", "K+V", "K+V w/ C penalty",
                                                         "K+mean(V) w/ C penalty"]
     assert {k: v[0] for k, v in optional.items()} == {"attention_op": "ATTENTION_OP", "attn_mask": "MASK",
-                                                      "image_negative": "IMAGE"}
+                                                      "image_negative": "IMAGE", "layer_weights": "STRING"}
 
     patch = info["PatchXformersModelAttention"]
     assert patch["display_name"] == "Patch Model Attention (xformers)" and patch["output"] == ["MODEL"]

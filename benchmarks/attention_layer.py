@@ -376,8 +376,8 @@ def _worst(rows: list[dict], estimates: list[Estimate]) -> str:
 
 def in_single_pass_domain(result: dict) -> bool:
     """Rows where the planner's measured rule (single_pass.fits) picks the single pass on CPU fp32."""
-    image_tokens = result["tokens"] * result["adapters"]
-    return result["queries"] >= single_pass.MIN_QUERIES and image_tokens <= single_pass.MAX_IMAGE_TOKENS
+    queries = torch.empty(1, result["queries"], 1, 1)  # what the rule reads of the queries: count, device, dtype
+    return single_pass.fits(queries, [result["tokens"]] * result["adapters"])
 
 
 def summary(results: list[dict], dtype: str, op: str) -> str:

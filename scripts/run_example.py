@@ -32,8 +32,8 @@ from harness.server import ComfyServer  # noqa: E402
 
 MODELS_ENV = "XIPA_EXAMPLE_MODELS"
 DEFAULT_WORKDIR = REPO_ROOT / ".cache" / "run_example"
-# What the pack logs about attention: operator decisions (processors.backends, the single pass included: it is
-# reported through backends.note in the same form) and the fused planner.
+# What the pack logs about attention: the planner's decisions (processors.planner: the operator, the single pass
+# in the same form, and fused mode).
 OP_LINE = re.compile(r"(attention op '[^']*': ran .*|fused attention.*)$")
 REPORT = re.compile(r"attention op '(?P<requested>[^']*)': ran (?P<ran>.+?)(?: because (?P<why>.*))?$")
 
@@ -136,7 +136,7 @@ def step_timing(events: list[tuple[float, dict]], sampler_id: str) -> tuple[floa
 
 
 def describe_op(line: str) -> str:
-    """A server log line of processors.backends (or the fused planner) as the summary shows it."""
+    """A server log line of processors.planner as the summary shows it."""
     m = REPORT.match(line)
     if m is None:
         return f"attention: {line}"

@@ -89,7 +89,7 @@ def test_large_score_gaps_do_not_underflow():
 
 # --- selection by the processor ----------------------------------------------------------------------------
 
-def processor_run(config=AttentionOpConfig(), q_len=256, lengths=(4, 4), **kw):
+def processor_run(config=AttentionOpConfig(), q_len=256, lengths=(4, 4, 4), **kw):
     q, k, v, branches = case(q_len=q_len, lengths=lengths)
     planner.begin_run()
     q, k, v, branches = as_fp32(q, k, v, branches)
@@ -108,11 +108,12 @@ def test_processor_runs_single_pass_where_the_rule_applies_and_stays_exact():
 
 
 @pytest.mark.parametrize("config, q_len, lengths", [
-    (AttentionOpConfig(op="sdpa:math"), 256, (4, 4)),  # an explicit kernel keeps the separate calls
-    (AttentionOpConfig(op="sdpa"), 256, (4, 4)),
-    (AttentionOpConfig(mask_mode="attention bias"), 256, (4, 4)),  # in-softmax masks need a tensor bias
-    (AttentionOpConfig(), 64, (4, 4)),  # too few queries
-    (AttentionOpConfig(), 256, (16, 16, 16, 4)),  # too many image tokens
+    (AttentionOpConfig(op="sdpa:math"), 256, (4, 4, 4)),  # an explicit kernel keeps the separate calls
+    (AttentionOpConfig(op="sdpa"), 256, (4, 4, 4)),
+    (AttentionOpConfig(mask_mode="attention bias"), 256, (4, 4, 4)),  # in-softmax masks need a tensor bias
+    (AttentionOpConfig(), 64, (4, 4, 4)),  # too few queries
+    (AttentionOpConfig(), 256, (4, 4)),  # too few adapters
+    (AttentionOpConfig(), 256, (16, 4, 4)),  # an adapter with too many image tokens
 ])
 def test_processor_keeps_separate_calls_outside_the_rule(config, q_len, lengths):
     out, ref, ran = processor_run(config, q_len, lengths)
@@ -132,9 +133,11 @@ def test_text_bias_keeps_separate_calls():
 def test_rule():
     q4 = torch.zeros(2, 256, HEADS, DIM)
     assert sp.fits(q4, [4, 4, 4])
-    assert sp.fits(q4, [sp.MAX_IMAGE_TOKENS])
-    assert not sp.fits(q4, [sp.MAX_IMAGE_TOKENS, 1])
+    assert sp.fits(q4, [sp.MAX_TOKENS_PER_ADAPTER] * sp.MIN_ADAPTERS)
+    assert sp.fits(q4, [1, 2, 3, 4, 4])
+    assert not sp.fits(q4, [sp.MAX_TOKENS_PER_ADAPTER] * (sp.MIN_ADAPTERS - 1))
+    assert not sp.fits(q4, [4, 4, sp.MAX_TOKENS_PER_ADAPTER + 1])
     assert not sp.fits(q4, [])
-    assert not sp.fits(q4[:, :sp.MIN_QUERIES - 1], [4])
-    assert not sp.fits(q4.double(), [4])
-    assert not sp.fits(q4.half(), [4])
+    assert not sp.fits(q4[:, :sp.MIN_QUERIES - 1], [4, 4, 4])
+    assert not sp.fits(q4.double(), [4, 4, 4])
+    assert not sp.fits(q4.half(), [4, 4, 4])

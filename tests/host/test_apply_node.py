@@ -14,23 +14,6 @@ DEFAULTS = dict(weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0, comb
 
 
 @pytest.fixture(scope="module")
-def unet(comfy, pack, tiny_models):
-    import comfy.sd
-
-    return comfy.sd.load_diffusion_model(str(tiny_models.files["unet"]))
-
-
-@pytest.fixture(scope="module")
-def clip_vision(comfy, tmp_path_factory):
-    return hh.tiny_clip_vision(tmp_path_factory.mktemp("clip_vision"))
-
-
-@pytest.fixture(scope="module")
-def adapters(pack):
-    return {"base": hh.adapter("base"), "plus": hh.adapter("plus", seed=2)}
-
-
-@pytest.fixture(scope="module")
 def nodes(pack):
     return {name: hh.pack_module(f"nodes.{module}") for name, module in
             [("apply", "apply"), ("select", "select_op"), ("patch_model", "patch_model"), ("patch", "patch")]}

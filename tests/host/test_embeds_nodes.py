@@ -12,23 +12,6 @@ APPLY = dict(weight=0.8, weight_type="ease in", start_at=0.0, end_at=0.6, embeds
 
 
 @pytest.fixture(scope="module")
-def unet(comfy, pack, tiny_models):
-    import comfy.sd
-
-    return comfy.sd.load_diffusion_model(str(tiny_models.files["unet"]))
-
-
-@pytest.fixture(scope="module")
-def clip_vision(comfy, tmp_path_factory):
-    return hh.tiny_clip_vision(tmp_path_factory.mktemp("clip_vision"))
-
-
-@pytest.fixture(scope="module")
-def adapters(pack):
-    return {"base": hh.adapter("base"), "plus": hh.adapter("plus", seed=2)}
-
-
-@pytest.fixture(scope="module")
 def nodes(pack):
     return hh.pack_module("nodes.embeds"), hh.pack_module("nodes.apply"), hh.pack_module("nodes.style_composition")
 

@@ -16,13 +16,6 @@ PLUS, PLUS_FACE = "PLUS (high strength)", "PLUS FACE (portraits)"
 
 
 @pytest.fixture(scope="module")
-def unet(comfy, pack, tiny_models):
-    import comfy.sd
-
-    return comfy.sd.load_diffusion_model(str(tiny_models.files["unet"]))
-
-
-@pytest.fixture(scope="module")
 def loader(pack):
     return hh.pack_module("nodes.unified_loader")
 

@@ -17,8 +17,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT / "scripts", REPO_ROOT):  # the pack's processors/, and the harness (scripts/harness)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 NA = "n/a"
 

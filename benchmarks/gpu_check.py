@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "scripts")]
 
 from processors import backends, planner  # noqa: E402
 from processors.backends import OP_CHOICES, AttentionOpConfig  # noqa: E402

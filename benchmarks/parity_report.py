@@ -3,7 +3,7 @@
     python benchmarks/parity_report.py                                        # print the tables
     python benchmarks/parity_report.py --out benchmarks/results/parity_cpu.md   # and write them
 
-Rows: every processor path against float64 reference maths written from the formula (harness/oracle.py;
+Rows: every processor path against float64 reference maths written from the formula (scripts/harness/oracle.py;
 fp32 max abs error, bf16 max relative error), with what the planner ran for each dtype; and our diffusers
 processor against diffusers' IPAdapterAttnProcessor2_0 (fp32 max abs error). Errors are deterministic (fixed
 seeds, one thread): no timing, so no noise to state.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "scripts")]
 
 from processors import planner  # noqa: E402
 from processors.backends import AttentionOpConfig  # noqa: E402
@@ -104,7 +104,7 @@ def main() -> None:
     text = "\n".join([
         f"# Numerical parity (CPU)\n\ntorch {torch.__version__}; one case: 2 x {case.__defaults__[0]} queries, "
         f"{HEADS} heads x {DIM}, 77 text tokens, a masked 4-token adapter (scale 0.7) and a 16-token adapter "
-        "with per-row scales [1.0, 0.5]; float64 reference from harness/oracle.py.\n",
+        "with per-row scales [1.0, 0.5]; float64 reference from scripts/harness/oracle.py.\n",
         "| path | fp32 max abs error vs float64 | bf16 max relative error | ran (fp32 / bf16) |",
         "|---|---|---|---|", *engine_rows(), "",
         "| diffusers IPAdapterAttnProcessor2_0 parity | fp32 max abs error |", "|---|---|", *diffusers_rows()])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Resolve (or fetch) the ComfyUI host and install its requirements; the logic is harness/comfy_host.py.
+"""Resolve (or fetch) the ComfyUI host and install its requirements; the logic is scripts/harness/comfy_host.py.
 
     python scripts/comfy_host.py --path      # print the resolved ComfyUI directory
     python scripts/comfy_host.py --install   # resolve, then install ComfyUI's requirements

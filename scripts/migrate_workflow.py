@@ -7,7 +7,7 @@
 API-form workflows convert by input name alone. UI-form workflows store widget values and sockets by position,
 so they need this pack's node definitions: from a running ComfyUI that has the pack (``--server``), a saved
 ``/object_info`` answer (``--object-info``), or, by default, this pack loaded in-process into the ComfyUI that
-harness/comfy_host.py finds ($COMFYUI_PATH, or the copy scripts/setup_env.sh fetched). Prints what it converted
+scripts/harness/comfy_host.py finds ($COMFYUI_PATH, or the copy scripts/setup_env.sh fetched). Prints what it converted
 and what it could not; exits 1 when something could not be converted. The input file is never changed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""E2E tests: a real ComfyUI server subprocess with this pack (fixtures from harness/testing.py)."""
+"""E2E tests: a real ComfyUI server subprocess with this pack (fixtures from scripts/harness/testing.py)."""
 from pathlib import Path
 
 from harness.testing import comfy, comfy_server, mark_folder, tiny_models  # noqa: F401

@@ -1,4 +1,4 @@
-"""Host tests: a real ComfyUI imported in-process (fixtures from harness/testing.py, and the tiny models the
+"""Host tests: a real ComfyUI imported in-process (fixtures from scripts/harness/testing.py, and the tiny models the
 node tests share)."""
 from pathlib import Path
 

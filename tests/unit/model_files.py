@@ -1,5 +1,5 @@
 """IP-Adapter layouts for identification tests (flat "image_proj." / "ip_adapter." keys, as the .safetensors
-releases), on top of harness/model_files.py's header writer and CLIP vision layouts."""
+releases), on top of scripts/harness/model_files.py's header writer and CLIP vision layouts."""
 from __future__ import annotations
 
 from harness.model_files import (CLIP_SIZES, Shape, clip_hf_shapes, clip_openclip_shapes,  # noqa: F401

@@ -1,4 +1,4 @@
-"""harness/migration.py on hand-written standard-pack workflows (tests/unit/fixtures): API and UI forms.
+"""scripts/harness/migration.py on hand-written standard-pack workflows (tests/unit/fixtures): API and UI forms.
 
 This pack's node definitions come from tests/unit/fixtures/object_info_pack.json, a snapshot of /object_info that
 tests/host/test_migration_schema.py compares with the real nodes."""

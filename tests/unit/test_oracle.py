@@ -1,4 +1,4 @@
-"""The float64 oracle (harness/oracle.py) is itself right: hand-computed tiny cases, and PyTorch SDPA.
+"""The float64 oracle (scripts/harness/oracle.py) is itself right: hand-computed tiny cases, and PyTorch SDPA.
 
 The expected numbers below were worked out by hand from softmax(q k^T / sqrt(d)) v; with keys chosen so the
 scores are 0 and log(3), the softmax weights are 1/4 and 3/4 exactly.

@@ -165,7 +165,7 @@ def test_comfyignore_matcher_agrees_with_git():
 
 def test_shipped_set_is_the_pack_without_development_files():
     files = shipped_files(REPO)
-    for folder in ("tests/", "harness/", "benchmarks/", "scripts/", "docs/", ".ci/", "node_modules/"):
+    for folder in ("tests/", "benchmarks/", "scripts/", "docs/", ".ci/", "node_modules/"):
         assert not [f for f in files if f.startswith(folder)], folder
     assert not [f for f in files if f.startswith("package") and f.endswith(".json")]
     for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md",

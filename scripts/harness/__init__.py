@@ -1,7 +1,8 @@
-"""Development harness: a ComfyUI host for tests, scripts and benchmarks (never shipped: see .comfyignore).
+"""Development harness: a ComfyUI host for tests, scripts and benchmarks (never shipped: it lives in scripts/,
+which .comfyignore leaves out of the registry archive).
 
-Importable as ``harness`` once the repository root is on ``sys.path`` (the tests' root conftest, the scripts
-and the benchmarks put it there). Nothing here imports ComfyUI at import time.
+Importable as ``harness`` once scripts/ is on ``sys.path`` (a script run from scripts/ has it; the tests' root
+conftest and the benchmarks put it there). Nothing here imports ComfyUI at import time.
 
 - ``comfy_host``: resolve (or fetch into .cache/) the ComfyUI host and install its requirements.
 - ``comfy_bootstrap``: make ComfyUI importable in this process; load this pack the way ComfyUI does.
@@ -15,4 +16,4 @@ and the benchmarks put it there). Nothing here imports ComfyUI at import time.
 from pathlib import Path
 
 # absolute(), not resolve(): the pack may be a symlink inside <ComfyUI>/custom_nodes (see comfy_host).
-REPO_ROOT = Path(__file__).absolute().parents[1]
+REPO_ROOT = Path(__file__).absolute().parents[2]

@@ -1,7 +1,7 @@
 """pytest helpers: the fixtures tests/host and tests/e2e import by name, and `require` for test dependencies.
 
 Only tests import this module (it imports pytest). Environment knobs (tests only): ``COMFYUI_PATH`` (the host,
-see harness/comfy_host.py), ``XIPA_MODELS_DIR`` (where tiny models are generated, default .cache/models),
+see scripts/harness/comfy_host.py), ``XIPA_MODELS_DIR`` (where tiny models are generated, default .cache/models),
 ``XIPA_CLIP_VISION`` ("vit-l" default, or "vit-h"), ``CI`` (a missing test dependency fails instead of skipping).
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ _state: dict = {}
 
 
 def resolve_comfyui() -> Path:
-    """The ComfyUI directory (order in harness/comfy_host.py). Raises with a clear message; never skips."""
+    """The ComfyUI directory (order in scripts/harness/comfy_host.py). Raises with a clear message; never skips."""
     try:
         return comfy_host.resolve_comfyui()
     except comfy_host.ComfyUINotFound as exc:

@@ -6,7 +6,7 @@ name alone; the UI form (``{"nodes", "links", ...}``, a saved workflow) also nee
 inputs, and its sockets and links by position. The standard pack's input order below was read from its node
 definitions (IPAdapterPlus.py, INPUT_TYPES of each class; the UI lists required then optional inputs).
 
-Nothing here is shipped (harness/ is left out of the registry archive); nothing is written to model folders.
+Nothing here is shipped (scripts/harness/ is left out of the registry archive); nothing is written to model folders.
 """
 from __future__ import annotations
 

@@ -5,11 +5,12 @@ model configs, random weights filled in memory, wrapped in a ModelPatcher as com
 random "base" IP-Adapter (4 image tokens) with to_k_ip/to_v_ip sized for every attn2 site (16 SD1.5, 70
 SDXL), applied with the pack's real nodes, so the measured path is the shipped one.
 
-Both runs use the SAME attention operator (`--op`, default auto), so their difference is the adapter alone:
+All runs use the SAME attention operator (`--op`, default auto), so their difference is the adapter alone:
   plain       the model through Patch Model Attention (PatchXformersModelAttention.execute) on that op: every
               self- and cross-attention on our operator registry
   ip-adapter  that patched model through Apply xformers IP-Adapter Attention (no attention_op of its own,
               so it follows the model's operator)
+  apply embeds  the same adapter and image through Encoder -> Apply Embeds (its per-step path is Apply's)
 Per step = time of a warm sampling run / steps (CPU: process CPU time, GPU: wall time; common.clock); the two
 runs alternate round after round, the overhead is the median of the per-round ratios with its 95 %
 confidence interval (common.estimate).
@@ -130,34 +131,44 @@ def time_runs(fns: dict[str, Callable], repeats: int, device: str):
     return time_rounds(fns, device, repeats)
 
 
-def same_op_pair(hh, tm, model, cross: int, op: str, workdir):
-    """(plain, ip-adapter) models on one operator: Patch Model Attention, then the adapter applied to it."""
+def same_op_models(hh, tm, model, cross: int, op: str, workdir):
+    """(plain, ip-adapter, ip-adapter embeds) models on one operator: Patch Model Attention, then the adapter
+    applied to it by Apply, and by Encoder -> Apply Embeds on the same inputs."""
     config = hh.pack_module("processors.backends").AttentionOpConfig(op=op)
     plain = hh.pack_module("nodes.patch_model").PatchXformersModelAttention.execute(model, config).result[0]
     apply_node = hh.pack_module("nodes.apply").ApplyXformersIPAdapterAttention
-    adapter = random_adapter(hh, tm, model, cross)
-    patched = apply_node.execute(plain, adapter, hh.tiny_clip_vision(workdir), hh.image(0), weight=1.0,
-                                 weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
-                                 embeds_scaling="V only").result[0]
-    return plain, patched
+    embeds = hh.pack_module("nodes.embeds")
+    adapter, clip_vision = random_adapter(hh, tm, model, cross), hh.tiny_clip_vision(workdir)
+    window = dict(weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0, embeds_scaling="V only")
+    patched = apply_node.execute(plain, adapter, clip_vision, hh.image(0), combine_embeds="concat",
+                                 **window).result[0]
+    pos, neg = embeds.XformersIPAdapterEncoder.execute(adapter, clip_vision, hh.image(0), weight=1.0).result
+    from_embeds = embeds.ApplyXformersIPAdapterEmbeds.execute(plain, adapter, pos, neg_embeds=neg,
+                                                              **window).result[0]
+    return plain, patched, from_embeds
 
 
 def measure(hh, tm, name: str, model, setup: Setup, cross: int, device: str, op: str, workdir) -> dict:
     sdxl = cross == 2048
-    plain, patched = same_op_pair(hh, tm, model, cross, op, workdir)
+    plain, patched, from_embeds = same_op_models(hh, tm, model, cross, op, workdir)
     planner = hh.pack_module("processors.planner")  # the report lines of the run come from the planner
     planner.begin_run()
     with torch.inference_mode():
         timings = time_runs({"plain": sampler(plain, setup, cross, sdxl),
-                             "ip-adapter": sampler(patched, setup, cross, sdxl)}, setup.repeats, device)
+                             "ip-adapter": sampler(patched, setup, cross, sdxl),
+                             "apply embeds": sampler(from_embeds, setup, cross, sdxl)}, setup.repeats, device)
     per_step = {k: estimate([t / setup.steps for t in v]) for k, v in timings.samples.items()}
     overhead = timings.ratio("ip-adapter", "plain")
+    embeds_vs_apply = timings.ratio("apply embeds", "ip-adapter")
     result = {"model": name, "op": op, "size": setup.size, "steps": setup.steps, "repeats": setup.repeats,
               "sites": len(hh.pack_module("nodes.sites").attn2_sites(model)),
               "plain_s": per_step["plain"].as_dict(), "ip_s": per_step["ip-adapter"].as_dict(),
-              "ratio": overhead.as_dict(), "samples_s": timings.samples, "reports": planner.run_reports()}
+              "embeds_s": per_step["apply embeds"].as_dict(), "ratio": overhead.as_dict(),
+              "embeds_ratio": embeds_vs_apply.as_dict(), "samples_s": timings.samples,
+              "reports": planner.run_reports()}
     print(f"{name:6s} {setup.size}x{setup.size} op {op}: plain {per_step['plain'].text('.4f')} s/step, IP-Adapter "
-          f"{per_step['ip-adapter'].text('.4f')} s/step, ratio {overhead.text('.3f')}", flush=True)
+          f"{per_step['ip-adapter'].text('.4f')} s/step, ratio {overhead.text('.3f')}; Apply Embeds / Apply "
+          f"{embeds_vs_apply.text('.3f')}", flush=True)
     return result
 
 
@@ -190,13 +201,14 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
     stem = args.stem or f"sampling_step_{'gpu' if args.device.startswith('cuda') else 'cpu'}" + (
         "_quick" if args.quick else "")
     t = Table(["model", "op", "attn2 sites", "size", "steps x rounds", "plain ms/step", "IP-Adapter ms/step",
-               "overhead ratio (95 % CI)", "added"])
+               "overhead ratio (95 % CI)", "added", "Apply Embeds ms/step", "Apply Embeds / Apply (95 % CI)"])
     for r in results:
         ratio = r["ratio"]
         low, high = ratio["ci95"]
         t.add(r["model"], r["op"], r["sites"], f"{r['size']}x{r['size']}", f"{r['steps']} x {r['repeats']}",
-              _ms(r["plain_s"]), _ms(r["ip_s"]), f"{ratio['median']:.3f} [{low:.3f}, {high:.3f}]",
-              f"{(ratio['median'] - 1) * 100:+.1f} % [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]")
+              _ms(r["plain_s"]), _ms(r["ip_s"]), _ratio(ratio),
+              f"{(ratio['median'] - 1) * 100:+.1f} % [{(low - 1) * 100:+.1f}, {(high - 1) * 100:+.1f}]",
+              _ms(r["embeds_s"]), _ratio(r["embeds_ratio"]))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     labels = [f"{r['model']}\n{r['size']}px" for r in results]
@@ -222,6 +234,11 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"wrote {path}")
 
 
+def _ratio(ratio: dict) -> str:
+    low, high = ratio["ci95"]
+    return f"{ratio['median']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def _ms(per_step: dict) -> str:
     low, high = per_step["ci95"]
     return f"{per_step['median'] * 1e3:.1f} ±{max(per_step['median'] - low, high - per_step['median']) * 1e3:.1f}"
@@ -230,7 +247,8 @@ def _ms(per_step: dict) -> str:
 READING = (
     "`plain`: the model through Patch Model Attention on the op; `IP-Adapter`: that model with the adapter "
     "applied (it follows the model's op), so both run every attention on the same operator and the ratio is "
-    "the adapter's cost alone. Per step: time of one warm sampling run / steps (CPU: the process's CPU time, "
+    "the adapter's cost alone. `Apply Embeds`: the same adapter and image through Encoder -> Apply Embeds "
+    "instead of Apply (the same per-step path: its ratio to Apply should contain 1.000). Per step: time of one warm sampling run / steps (CPU: the process's CPU time, "
     "one thread; GPU: wall time). The two runs alternate, "
     "one each per round; ms/step: median over rounds ± the half-width of its 95 % confidence interval; "
     "overhead: median of the per-round ratios IP-Adapter / plain, with its 95 % confidence interval "

@@ -12,7 +12,7 @@ import {
 const fixture = JSON.parse(readFileSync(new URL("./fixtures/ops_cpu.json", import.meta.url), "utf8"));
 const CPU_AVAILABLE = ["auto", "sdpa", "sdpa:math"];
 
-test("the constants are the contract's (README, "Nodes")", () => {
+test("the constants are the contract's (README, section Nodes)", () => {
   assert.equal(NODE_ID, "SelectXformersAttentionOp");
   assert.equal(ROUTE, "/xformers_ipadapter/ops");
   assert.deepEqual([...OP_CHOICES], [

@@ -13,7 +13,7 @@ from harness import host_helpers as hh
 
 log = logging.getLogger(__name__)
 
-from tests.host.test_apply_node import DEFAULTS, clip_vision, unet  # noqa: F401 (fixtures)
+from tests.host.test_apply_node import DEFAULTS
 
 ADAPTER_CACHES = ("image K/V", "K/V rows", "masks")
 

@@ -22,7 +22,7 @@ from ..processors.backends import AttentionOpConfig
 from ..processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 from ..processors.ipadapter import AdapterKVCache
 from ..processors.masks import mask_to_tokens
-from ..processors.tensor_cache import TensorCache, same_device
+from ..processors.tensor_cache import TensorCache
 from .sites import Attn2Site
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ class AdapterApplication:
         self.kv.keep_device(device)
         self._rows.keep_device(device)
         self._masks.keep_device(device)
-        if self._step[0] is not None and not same_device(self._step[0].device, device):
-            self._step[:] = [None, True]
+        self._step[:] = [None, True]  # the next step decides again (one host read), wherever its sigmas live
 
     def active_at(self, extra_options: dict) -> bool:
         """In the start/end window? One host sync per sampling step at most (not per call), none when the

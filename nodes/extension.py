@@ -1,4 +1,4 @@
-"""The V3 extension: registers the ipadapter folder, the server route and the four nodes."""
+"""The V3 extension: registers the ipadapter folder, the server routes and every node of the pack."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Loading IP-Adapter files: layouts, strict keys, refusal of code-carrying pickles, projection maths."""
 from __future__ import annotations
 
-import io
 import pickle
 import pickletools
 from pathlib import Path

@@ -60,6 +60,15 @@ class ApplyXformersIPAdapterAttention(ValidatesCombos, io.ComfyNode):
     def execute(cls, model, ipadapter, clip_vision, image, weight: float, weight_type: str, start_at: float,
                 end_at: float, combine_embeds: str, embeds_scaling: str, attention_op=None, attn_mask=None,
                 image_negative=None, layer_weights: str = "") -> io.NodeOutput:
+        from .families import APPLY_HANDLERS, family_handler  # families import this module's input helpers
+
+        handler = family_handler(APPLY_HANDLERS, ipadapter)
+        if handler is not None:
+            return io.NodeOutput(handler(
+                model=model, ipadapter=ipadapter, clip_vision=clip_vision, image=image, weight=weight,
+                weight_type=weight_type, start_at=start_at, end_at=end_at, combine_embeds=combine_embeds,
+                embeds_scaling=embeds_scaling, attention_op=attention_op, attn_mask=attn_mask,
+                image_negative=image_negative, layer_weights=layer_weights))
         target = prepare_target(model, ipadapter, weight, start_at, end_at, attention_op, attn_mask)
         tokens = image_tokens(ipadapter, lambda pixels: clip_vision.encode_image(pixels), image, image_negative,
                               combine_embeds)

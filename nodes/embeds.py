@@ -159,6 +159,14 @@ class ApplyXformersIPAdapterEmbeds(ValidatesCombos, io.ComfyNode):
     def execute(cls, model, ipadapter, pos_embeds, weight: float, weight_type: str, start_at: float, end_at: float,
                 embeds_scaling: str, neg_embeds=None, attention_op=None, attn_mask=None,
                 layer_weights: str = "") -> io.NodeOutput:
+        from .families import EMBEDS_HANDLERS, family_handler
+
+        handler = family_handler(EMBEDS_HANDLERS, ipadapter)
+        if handler is not None:
+            return io.NodeOutput(handler(
+                model=model, ipadapter=ipadapter, pos_embeds=pos_embeds, weight=weight, weight_type=weight_type,
+                start_at=start_at, end_at=end_at, embeds_scaling=embeds_scaling, neg_embeds=neg_embeds,
+                attention_op=attention_op, attn_mask=attn_mask, layer_weights=layer_weights))
         target = prepare_target(model, _require_adapter(ipadapter), weight, start_at, end_at, attention_op,
                                 attn_mask)
         tokens = embeds_tokens(ipadapter, pos_embeds, neg_embeds)

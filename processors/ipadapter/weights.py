@@ -16,6 +16,7 @@ from torch import nn
 
 from .detection import AdapterInfo, detect_adapter, site_indices
 from .errors import IPAdapterFileError
+from .families import read_family
 from .projection import PROJECTION_CLASSES, projection_config
 
 logger = logging.getLogger(__name__)
@@ -177,9 +178,14 @@ def _read_tensors(path: Path) -> Mapping[str, Any]:
     return data
 
 
-def load_ipadapter_file(path: str | Path) -> IPAdapterModel:
-    """Load an IP-Adapter `.safetensors` or `.bin` file (tensors only, never code)."""
+def load_ipadapter_file(path: str | Path) -> Any:
+    """Load an IP-Adapter `.safetensors` or `.bin` file (tensors only, never code): a family model where a
+    family reader (families.py) recognises the file, else an SD1.5/SDXL `IPAdapterModel`."""
     path = Path(path)
     if not path.is_file():
         raise IPAdapterFileError(f"IP-Adapter file not found: {path}")
-    return ipadapter_from_state_dict(_read_tensors(path), name=path.name)
+    tensors = _read_tensors(path)
+    family_model = read_family(tensors, path.name)
+    if family_model is not None:
+        return family_model
+    return ipadapter_from_state_dict(tensors, name=path.name)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-def check_mask(mask: torch.Tensor) -> torch.Tensor:
+def check_mask(mask: torch.Tensor, label: str = "attn_mask") -> torch.Tensor:
     """A MASK input as `[Bm, H, W]` float32 in 0..1; raises on shapes that cannot be a mask or have zero area.
 
     Called once per application (at the apply node), so its log lines appear once, not per attention call.
@@ -20,22 +20,22 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
     if mask.ndim != 3:
-        raise ValueError(f"attn_mask must be [H, W] or [batch, H, W]; got shape {tuple(mask.shape)}")
+        raise ValueError(f"{label} must be [H, W] or [batch, H, W]; got shape {tuple(mask.shape)}")
     if mask.numel() == 0:
-        raise ValueError(f"attn_mask has zero area (shape {tuple(mask.shape)}): draw or load a non-empty mask")
+        raise ValueError(f"{label} has zero area (shape {tuple(mask.shape)}): draw or load a non-empty mask")
     if not torch.isfinite(mask).all():
-        raise ValueError("attn_mask contains NaN or infinite values")
-    mask = _clamped(mask.float())
+        raise ValueError(f"{label} contains NaN or infinite values")
+    mask = _clamped(mask.float(), label)
     if mask.shape[0] > 1:
         logger.info("%s", mask_batch_rule(mask.shape[0]))
     return mask
 
 
-def _clamped(mask: torch.Tensor) -> torch.Tensor:
+def _clamped(mask: torch.Tensor, label: str) -> torch.Tensor:
     low, high = float(mask.min()), float(mask.max())
     if low >= 0.0 and high <= 1.0:
         return mask
-    logger.warning("attn_mask values range from %g to %g; clamped to 0..1 (1 = full adapter effect)", low, high)
+    logger.warning("%s values range from %g to %g; clamped to 0..1 (1 = full adapter effect)", label, low, high)
     return mask.clamp(0.0, 1.0)
 
 

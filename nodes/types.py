@@ -6,5 +6,7 @@ AttentionOp = io.Custom("ATTENTION_OP")
 XformersIPAdapter = io.Custom("XFORMERS_IPADAPTER")
 # CLIP vision features for an adapter, weight applied (processors/ipadapter/embeds.py AdapterEmbeds)
 XformersIPAdapterEmbeds = io.Custom("XFORMERS_IPADAPTER_EMBEDS")
+# regions for Apply From Params (processors/ipadapter/params.py IPAdapterParams)
+XformersIPAdapterParams = io.Custom("XFORMERS_IPADAPTER_PARAMS")
 
 CATEGORY = "xformers IP-Adapter"

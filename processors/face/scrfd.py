@@ -87,7 +87,7 @@ def distance2bbox(points: np.ndarray, distance: np.ndarray) -> np.ndarray:
 
 def distance2kps(points: np.ndarray, distance: np.ndarray) -> np.ndarray:
     """Keypoints [N, K, 2] from points [N, 2] and offsets [N, 2K] (x0, y0, x1, y1, ...)."""
-    offsets = distance.reshape(len(distance), -1, 2)
+    offsets = distance.reshape(len(distance), distance.shape[1] // 2, 2)
     return points[:, None, :] + offsets
 
 

@@ -8,5 +8,7 @@ XformersIPAdapter = io.Custom("XFORMERS_IPADAPTER")
 XformersIPAdapterEmbeds = io.Custom("XFORMERS_IPADAPTER_EMBEDS")
 # regions for Apply From Params (processors/ipadapter/params.py IPAdapterParams)
 XformersIPAdapterParams = io.Custom("XFORMERS_IPADAPTER_PARAMS")
+# face detector + recognizer of an InsightFace model pack (processors/face/analysis.py FaceAnalysis)
+XformersFaceAnalysis = io.Custom("XFORMERS_FACE_ANALYSIS")
 
 CATEGORY = "xformers IP-Adapter"

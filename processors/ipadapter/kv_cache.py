@@ -99,15 +99,24 @@ class AdapterKVCache:
         device = torch.device(device)
         return self.store.get((site_index, device, dtype), lambda: self._compute(site_index, device, dtype))
 
-    @torch.no_grad()
     def _compute(self, i: int, device: torch.device, dtype: torch.dtype) -> SiteKVEntry:
-        wk = self.model.to_k_ip[i].weight.to(device=device, dtype=torch.float32)
-        wv = self.model.to_v_ip[i].weight.to(device=device, dtype=torch.float32)
-        rows = []
-        for tokens in (self.tokens.cond, self.tokens.uncond):
-            x = tokens.to(device=device, dtype=torch.float32)
-            k, v, scale = scale_kv(F.linear(x, wk), F.linear(x, wv), self.site_weights[i],
-                                   self.embeds_scaling, self.tokens.tokens_per_image)
-            rows.append((k.to(dtype), v.to(dtype)))
-        (kc, vc), (ku, vu) = rows
+        (kc, vc), (ku, vu), scale = site_kv(self.model, i, (self.tokens.cond, self.tokens.uncond),
+                                            self.site_weights[i], self.embeds_scaling,
+                                            self.tokens.tokens_per_image, device, dtype)
         return SiteKVEntry(k_cond=kc, v_cond=vc, k_uncond=ku, v_uncond=vu, out_scale=scale)
+
+
+@torch.no_grad()
+def site_kv(model: IPAdapterModel, i: int, token_sets: Sequence[torch.Tensor], weight, embeds_scaling: str,
+            tokens_per_image: int, device: torch.device, dtype: torch.dtype):
+    """`to_k_ip`/`to_v_ip` of site `i` for each token set (in float32, then cast to `dtype`), scaled by
+    `embeds_scaling`: ([(k, v) per set], output scale). `weight` is a float, or a tensor that broadcasts
+    over the sets' rows (one weight per frame)."""
+    wk = model.to_k_ip[i].weight.to(device=device, dtype=torch.float32)
+    wv = model.to_v_ip[i].weight.to(device=device, dtype=torch.float32)
+    rows, scale = [], weight
+    for tokens in token_sets:
+        x = tokens.to(device=device, dtype=torch.float32)
+        k, v, scale = scale_kv(F.linear(x, wk), F.linear(x, wv), weight, embeds_scaling, tokens_per_image)
+        rows.append((k.to(dtype), v.to(dtype)))
+    return (*rows, scale)

@@ -22,6 +22,7 @@ from ..processors.backends import AttentionOpConfig
 from ..processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 from ..processors.ipadapter import AdapterKVCache
 from ..processors.masks import mask_to_tokens
+from ..processors.step_window import ALWAYS, active_in_window
 from ..processors.tensor_cache import TensorCache
 from .sites import Attn2Site
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # transformer_options key through which PatchXformersModelAttention tells our patches its operator
 MODEL_OP_KEY = "xformers_ipadapter_attention_op"
-ALWAYS = (float("inf"), float("-inf"))
 
 
 # Bounds of the layout-keyed caches (see docs/architecture.md, "Memory"). A sampling run meets one or two batch
@@ -60,6 +60,7 @@ class AdapterApplication:
     _rows: TensorCache = field(init=False, repr=False)
     _masks: TensorCache = field(init=False, repr=False)
     _step: list = field(default_factory=lambda: [None, True], repr=False)  # [sigmas tensor, active]
+    _notices: set = field(default_factory=set, repr=False)  # frame-alignment notices already logged
 
     def __post_init__(self) -> None:
         self._rows = TensorCache("K/V rows", ROW_LAYOUTS_PER_SITE * len(self.swaps))
@@ -74,6 +75,7 @@ class AdapterApplication:
         self._rows.clear()
         self._masks.clear()
         self._step[:] = [None, True]
+        self._notices.clear()  # each run says once what it has to say about frames
 
     def keep_device(self, device: torch.device) -> None:
         """The model moved to `device`: free what is cached anywhere else."""
@@ -85,16 +87,7 @@ class AdapterApplication:
     def active_at(self, extra_options: dict) -> bool:
         """In the start/end window? One host sync per sampling step at most (not per call), none when the
         window is the whole schedule: the decision is kept for the step's sigmas tensor object."""
-        if self.sigma_window == ALWAYS:
-            return True
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
-            return True
-        if self._step[0] is not sigmas:
-            sigma = float(sigmas.reshape(-1)[0])
-            start, end = self.sigma_window
-            self._step[:] = [sigmas, end <= sigma <= start]
-        return self._step[1]
+        return active_in_window(self.sigma_window, self._step, extra_options)
 
     def branch(self, site: Attn2Site, q: torch.Tensor, extra_options: dict,
                dtype: Optional[torch.dtype] = None) -> Optional[IPBranch]:
@@ -107,16 +100,26 @@ class AdapterApplication:
         dtype = q.dtype if dtype is None else dtype
         chunks = tuple(extra_options.get("cond_or_uncond") or (0,))
         batch = q.shape[0]
+        frames = self._frames(extra_options, batch // len(chunks))
         # None (nothing to add for this layout) is cached too
-        rows = self._rows.get((site.index, q.device, dtype, chunks, batch),
-                              lambda: self._assemble(site, q.device, dtype, chunks, batch))
+        rows = self._rows.get((site.index, q.device, dtype, chunks, batch, frames),
+                              lambda: self._assemble(site, q.device, dtype, chunks, batch, frames))
         if rows is None:
             return None
         k, v, scale = rows
-        return IPBranch(k, v, scale, self._row_mask(q, extra_options, dtype))
+        return IPBranch(k, v, scale, self._row_mask(q, extra_options, dtype, frames))
 
-    def _assemble(self, site: Attn2Site, device: torch.device, dtype: torch.dtype, chunks: tuple, batch: int):
+    def _frames(self, extra_options: dict, per_chunk: int) -> Optional[tuple[int, ...]]:
+        """The frame of each row within a chunk, for a per-frame K/V provider (None otherwise)."""
+        count = getattr(self.kv, "frame_count", None)
+        return None if count is None else frame_indices(extra_options, per_chunk, count, self._notices, self.label)
+
+    def _assemble(self, site: Attn2Site, device: torch.device, dtype: torch.dtype, chunks: tuple, batch: int,
+                  frames: Optional[tuple[int, ...]] = None):
         """K/V per batch row: chunk c of `cond_or_uncond` is negative when c == 1, positive otherwise."""
+        if frames is not None:
+            return self.kv.frame_rows(site.index, device, dtype, [c == 1 for c in chunks], frames,
+                                      self.swaps[site.index])
         entry = self.kv.get(site.index, device, dtype)
         per_chunk = batch // len(chunks)
         negative = [c == 1 for c in chunks]
@@ -134,23 +137,50 @@ class AdapterApplication:
         v = torch.cat([(entry.v_uncond if n else entry.v_cond).expand(per_chunk, -1, -1) for n in negative])
         return k, v, entry.out_scale
 
-    def _row_mask(self, q: torch.Tensor, extra_options: dict, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _row_mask(self, q: torch.Tensor, extra_options: dict, dtype: torch.dtype,
+                  frames: Optional[tuple[int, ...]] = None) -> Optional[torch.Tensor]:
         """The mask on this block's token grid, one row per batch row, in `dtype`; values as given (check_mask
-        bounds them once at the node)."""
+        bounds them once at the node). A mask per latent follows `frames` when the rows are frames."""
         if self.mask is None:
             return None
         grid = _token_grid(q.shape[1], extra_options)
         chunks = len(extra_options.get("cond_or_uncond") or (0,))
-        return self._masks.get((grid, q.device, dtype, q.shape[0], chunks),
-                               lambda: self._resize_mask(grid, q.device, dtype, q.shape[0] // chunks, chunks))
+        return self._masks.get((grid, q.device, dtype, q.shape[0], chunks, frames),
+                               lambda: self._resize_mask(grid, q.device, dtype, q.shape[0] // chunks, chunks, frames))
 
     def _resize_mask(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype, per_chunk: int,
-                     chunks: int) -> torch.Tensor:
+                     chunks: int, frames: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         tokens = mask_to_tokens(self.mask.to(device), grid)  # [Bm, Mq]
         if tokens.shape[0] > 1:  # one mask per latent in the batch: trim or repeat the last
-            index = torch.arange(per_chunk, device=device).clamp(max=tokens.shape[0] - 1)
+            rows = torch.arange(per_chunk) if frames is None else torch.tensor(frames)
+            index = rows.to(device).clamp(max=tokens.shape[0] - 1)
             tokens = tokens[index].repeat(chunks, 1)
         return tokens.to(dtype)
+
+
+def frame_indices(extra_options: dict, per_chunk: int, frame_count: int, notices: set,
+                  label: str = "IP-Adapter") -> tuple[int, ...]:
+    """Which frame each row of a chunk is: the indices a context-window sampler announces (ComfyUI's
+    `transformer_options["context_window"].index_list`; AnimateDiff-Evolved's `ad_params["sub_idxs"]`), else
+    the row's position in the batch. Where positions may not be frames (fewer rows than frames and nothing
+    announced), or the announced indices do not fit the batch, it says so in the log once per adapter."""
+    announced = getattr(extra_options.get("context_window"), "index_list", None)
+    if announced is None and isinstance(extra_options.get("ad_params"), dict):
+        announced = extra_options["ad_params"].get("sub_idxs")
+    if announced is not None and len(announced) == per_chunk:
+        return tuple(int(i) for i in announced)
+    if announced is not None and "mismatch" not in notices:
+        notices.add("mismatch")
+        logger.warning("%s (Apply Batch): the sampler announced %d frame indices for a batch of %d latents; using "
+                       "each latent's position in the batch as its frame instead", label, len(announced), per_chunk)
+    elif announced is None and per_chunk < frame_count and "positions" not in notices:
+        notices.add("positions")
+        logger.warning("%s (Apply Batch): the sampler passed %d latents without frame indices while the adapter "
+                       "has %d frames: latent i gets image and weight i. If this sampler runs the frames in "
+                       "context windows without announcing them (ComfyUI's own context windows do), frames are "
+                       "misaligned; see the README, 'Apply xformers IP-Adapter Batch'", label, per_chunk,
+                       frame_count)
+    return tuple(range(per_chunk))
 
 
 def _token_grid(q_len: int, extra_options: dict) -> tuple[int, int]:
@@ -165,6 +195,19 @@ def _token_grid(q_len: int, extra_options: dict) -> tuple[int, int]:
             return h, w
     raise ValueError(f"cannot find the token grid of a block with {q_len} tokens for a "
                      f"{height}x{width} latent")
+
+
+def moved(applications, wrapped: Optional[Callable], device_or_dtype: Any) -> Optional[Callable]:
+    """`model_patches_to` for a patch holding `applications` (and maybe another pack's callable): the adapters
+    drop what they cached on other devices; returns the wrapped callable as moved (the same object if unchanged).
+    Shared by the attn2 and DiT patches."""
+    if not isinstance(device_or_dtype, torch.dtype):
+        device = torch.device(device_or_dtype)
+        for application in applications:
+            application.keep_device(device)
+    if wrapped is not None and hasattr(wrapped, "to"):
+        return wrapped.to(device_or_dtype)
+    return wrapped
 
 
 @functools.lru_cache(maxsize=32)
@@ -200,15 +243,8 @@ class IPAdapterAttn2Patch:
         device than the one given are dropped, not moved: they are rebuilt cheaply where sampling runs, and a
         copy on the offload device would only take RAM. A dtype changes nothing: the caches are keyed by the
         compute dtype, which is not the model's storage dtype (fp32 attention precision, manual cast)."""
-        if not isinstance(device_or_dtype, torch.dtype):
-            device = torch.device(device_or_dtype)
-            for application in self.applications:
-                application.keep_device(device)
-        if self.wrapped is not None and hasattr(self.wrapped, "to"):
-            wrapped = self.wrapped.to(device_or_dtype)
-            if wrapped is not self.wrapped:
-                return IPAdapterAttn2Patch(self.site, self.applications, wrapped)
-        return self
+        wrapped = moved(self.applications, self.wrapped, device_or_dtype)
+        return self if wrapped is self.wrapped else IPAdapterAttn2Patch(self.site, self.applications, wrapped)
 
     def config(self, extra_options: dict) -> Optional[AttentionOpConfig]:
         """The newest adapter's explicit operator, else the model's (PatchXformersModelAttention), else auto."""

@@ -56,13 +56,17 @@ def conditioning(seed: int):
     return [[torch.randn(1, 77, tm.CROSS_ATTENTION_DIM, generator=gen), {}]]
 
 
-def sample(model, steps: int = 3, cfg: float = 4.0, seed: int = 0, size: int = 64, batch: int = 1):
-    """A real KSampler run (euler, normal) on fixed noise and conditioning; returns the latent."""
+def sample(model, steps: int = 3, cfg: float = 4.0, seed: int = 0, size: int = 64, batch: int = 1,
+           positive=None, negative=None):
+    """A real KSampler run (euler, normal) on fixed noise and conditioning (default: conditioning(1) and (2));
+    returns the latent."""
     import comfy.sample
 
     latent = torch.zeros(batch, 4, size // 8, size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", conditioning(1), conditioning(2),
+    positive = conditioning(1) if positive is None else positive
+    negative = conditioning(2) if negative is None else negative
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative,
                                latent, seed=seed, disable_pbar=True)
 
 

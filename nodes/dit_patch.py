@@ -64,6 +64,9 @@ class BlockCall:
     args: dict
     q: Optional[torch.Tensor] = None
     heads: int = 0
+    # the key and value as the host's attention got them (SD3's image attention reuses the block's own k, v)
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
     skip_reshape: bool = False
     _pre_rope: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -184,6 +187,7 @@ def _capturing_override(call: BlockCall, active: tuple, config: Any, previous: O
         first = call.q is None
         if first:
             call.q, call.heads, call.skip_reshape = q, heads, bool(kwargs.get("skip_reshape", False))
+            call.k, call.v = k, v
         out = previous(func, q, k, v, heads, *rest, **kwargs) if previous is not None else \
             func(q, k, v, heads, *rest, **kwargs)
         if not first:  # a block with a second attention call: adapters attach to the first (the joint one)

@@ -7,7 +7,8 @@ import logging
 from comfy_api.latest import ComfyExtension, io
 
 from . import routes
-from .folders import register_ipadapter_folder
+from .folders import register_insightface_folder, register_ipadapter_folder
+from .face_analysis import XformersFaceAnalysisLoader
 from .apply import ApplyXformersIPAdapterAttention
 from .embeds import NODES as EMBEDS_NODES
 from .image_prep import XformersIPAdapterNoise, XformersPrepImageForClipVision
@@ -37,6 +38,7 @@ def _register_route() -> None:
 def setup() -> None:
     """Idempotent: ComfyUI 0.3.x never calls on_load, newer hosts may; get_node_list calls this too."""
     register_ipadapter_folder()
+    register_insightface_folder()
     _register_route()
 
 
@@ -49,4 +51,5 @@ class XformersIPAdapterExtension(ComfyExtension):
         return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
                 PatchXformersModelAttention, XformersIPAdapterUnifiedLoader,
                 XformersPrepImageForClipVision, XformersIPAdapterNoise,
+                XformersFaceAnalysisLoader,
                 *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition]

@@ -99,7 +99,12 @@ def detect_adapter(state_dict: Mapping[str, Mapping[str, torch.Tensor]]) -> Adap
     """Detect an adapter from a nested {"image_proj": ..., "ip_adapter": ...} state dict's shapes.
 
     Only `.shape` is read, so meta tensors work too: identify.py feeds shapes read from a file header that way,
-    and loaded and unloaded files follow these same rules."""
+    and loaded and unloaded files follow these same rules. FaceID adapters get a FaceIDInfo (faceid.py)."""
+    from .faceid import detect_faceid  # faceid.py builds on this module
+
+    faceid = detect_faceid(state_dict)
+    if faceid is not None:
+        return faceid
     projection, cfg = projection_config(state_dict["image_proj"])
     variant, tokens, clip_output, clip_width, token_width = _variant(projection, cfg)
     inner, context = _site_shapes(state_dict["ip_adapter"])

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
+from .faceid import read_faceid
+
 FamilyReader = Callable[[Mapping[str, Any], str], Optional[Any]]
 
 # Family readers, tried in order (each module adds its reader here with one line).
-READERS: tuple[FamilyReader, ...] = ()
+READERS: tuple[FamilyReader, ...] = (read_faceid,)
 
 
 def read_family(tensors: Mapping[str, Any], name: str) -> Optional[Any]:

@@ -99,18 +99,27 @@ class Resampler(nn.Module):
         self.proj_in = nn.Linear(embedding_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
-            for _ in range(depth)
-        )
+        self.layers = perceiver_layers(dim, depth, dim_head, heads, ff_mult)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         latents = self.latents.expand(hidden_states.shape[0], -1, -1)
-        x = self.proj_in(hidden_states)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
+        latents = resample(self.layers, self.proj_in(hidden_states), latents)
         return self.norm_out(self.proj_out(latents))
+
+
+def perceiver_layers(dim: int, depth: int, dim_head: int, heads: int, ff_mult: int) -> nn.ModuleList:
+    """`depth` x (PerceiverAttention, feed-forward): keys `layers.N.0.*` and `layers.N.1.*` (also FaceID Plus')."""
+    return nn.ModuleList(
+        nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)
+    )
+
+
+def resample(layers: nn.ModuleList, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The latents after every residual attention + feed-forward layer over the features `x`."""
+    for attn, ff in layers:
+        latents = attn(x, latents) + latents
+        latents = ff(latents) + latents
+    return latents
 
 
 PROJECTION_CLASSES: dict[str, type[nn.Module]] = {
@@ -148,7 +157,9 @@ def _image_proj_config(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def projection_config(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     """Name the projection class and its constructor arguments from the `image_proj` tensor shapes."""
     if "perceiver_resampler.proj_in.weight" in sd or ("proj.2.weight" in sd and "proj.3.weight" not in sd):
-        raise IPAdapterFileError("FaceID IP-Adapters (InsightFace projection) are not supported")
+        # FaceID projections are the FaceID family's (faceid.py); load_ipadapter_file builds those adapters.
+        raise IPAdapterFileError("FaceID IP-Adapter weights: build them with faceid_adapter.faceid_from_state_dict "
+                                 "(load_ipadapter_file does)")
     if "proj.3.weight" in sd:
         return "MLPProjModel", {"cross_attention_dim": _shape(sd, "proj.3.weight")[0],
                                 "clip_embeddings_dim": _shape(sd, "proj.0.weight")[1]}

@@ -223,14 +223,15 @@ def test_truncated_download_is_reported(tmp_path):
     assert found.info is None and "truncated" in found.problem and "re-download" in found.problem
 
 
-def test_quantized_and_faceid_adapters_say_why(tmp_path):
+def test_quantized_adapters_say_why_and_faceid_adapters_are_identified(tmp_path):
     write_safetensors(tmp_path / "q.safetensors", adapter_shapes("base"), dtype="I8")
     assert "int8" in identify(tmp_path / "q.safetensors").problem
     faceid = {"image_proj.proj.0.weight": (1024, 512), "image_proj.proj.2.weight": (3072, 1024),
               "image_proj.norm.weight": (768,), **{f"ip_adapter.{k}": s for k, s in
                                                      ip_layer_shapes(768, SD15_INNER).items()}}
     write_safetensors(tmp_path / "faceid.safetensors", faceid)
-    assert "FaceID" in identify(tmp_path / "faceid.safetensors").problem
+    found = identify(tmp_path / "faceid.safetensors")  # every variant: tests/unit/test_ipadapter_faceid.py
+    assert found.problem == "" and found.info.variant == "faceid-portrait" and found.info.num_tokens == 4
 
 
 def test_a_vanished_file_is_reported(tmp_path):

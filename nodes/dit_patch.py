@@ -22,33 +22,16 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
+from ..processors.families.dit import DOUBLE, LATENT_SHAPE_KEY, SINGLE, DitBlock, block_sequence  # noqa: F401
 from ..processors.families.rope import undo_rope
 from .patch import MODEL_OP_KEY, moved
 
 logger = logging.getLogger(__name__)
 
 DIT = "dit"
-DOUBLE, SINGLE = "double_block", "single_block"
 OVERRIDE = "optimized_attention_override"
-# transformer_options key the latent-shape wrapper sets: the latent's [B, C, H, W] (masks need the token grid)
-LATENT_SHAPE_KEY = "xformers_ipadapter_latent_shape"
 RELEASE_KEY = "xformers_ipadapter_release_dit_caches"
 LATENT_WRAPPER_KEY = "xformers_ipadapter_latent_shape"
-
-
-@dataclass(frozen=True)
-class DitBlock:
-    """One block of a DiT: its key in `patches_replace["dit"]` and its place in the whole block sequence
-    (doubles first, then singles) for weight curves."""
-
-    kind: str  # DOUBLE or SINGLE
-    index: int
-    position: int  # 0 .. total-1 over all blocks this family patches
-    total: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.kind, self.index
 
 
 @dataclass(eq=False)
@@ -251,12 +234,3 @@ def release_dit_caches(patcher, *_: Any) -> None:
     """End of a sampling run (ON_CLEANUP) or model unloaded (ON_DETACH): free what the adapters cached."""
     for application in dit_applications_in(patcher):
         application.release()
-
-
-def block_sequence(doubles: int, singles: int, include_singles: bool = True) -> list[DitBlock]:
-    """The blocks an adapter patches, in order: every double block, then (optionally) every single block."""
-    total = doubles + (singles if include_singles else 0)
-    blocks = [DitBlock(DOUBLE, i, i, total) for i in range(doubles)]
-    if include_singles:
-        blocks += [DitBlock(SINGLE, i, doubles + i, total) for i in range(singles)]
-    return blocks

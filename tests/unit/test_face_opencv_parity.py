@@ -35,3 +35,18 @@ def test_letterbox_resize_matches_cv2_resize(height, width):
     difference = np.abs(reference - ours)
     assert difference.max() <= 1.0 + 1e-4 and difference.mean() < 0.2
     assert box.scale == pytest.approx(new_h / height)
+
+
+def test_detector_input_is_insightfaces_blob_of_a_bgr_image():
+    """InsightFace reads images with OpenCV (BGR) and builds the detector input with blobFromImage(1/128, mean
+    127.5, swapRB=True): the network sees RGB. Ours, from ComfyUI's RGB image with channels="RGB", is that blob."""
+    rgb = np.random.default_rng(5).integers(0, 256, (400, 300, 3), dtype=np.uint8)
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    new_h, new_w = scrfd.resized_shape(400, 300, 640)
+    canvas = np.zeros((640, 640, 3), np.uint8)
+    canvas[:new_h, :new_w] = cv2.resize(bgr, (new_w, new_h))
+    blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128, (640, 640), (127.5, 127.5, 127.5), swapRB=True)
+    ours = scrfd.letterbox(torch.from_numpy(rgb).float(), 640, channels="RGB").tensor
+    assert np.abs(blob - ours).max() <= 1.0 / 128 + 1e-6
+    swapped = scrfd.letterbox(torch.from_numpy(rgb).float(), 640, channels="BGR").tensor
+    assert np.abs(blob - swapped).max() > 0.5

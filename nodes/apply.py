@@ -12,7 +12,8 @@ from comfy_api.latest import io
 
 from ..processors.backends import AttentionOpConfig
 from ..processors.ipadapter import (COMBINE_EMBEDS, EMBEDS_SCALING, AdapterKVCache, ImageTokens, IPAdapterModel,
-                                    base_model_name, image_tokens, validate_against_sites)
+                                    base_model_name, validate_against_sites)
+from ..processors.ipadapter.enhance import MAX_ENHANCE_TILES, enhanced_image_tokens
 from ..processors.masks import check_mask
 from ..processors.weight_types import WEIGHT_TYPES, BlockWeight, block_weight, parse_layer_weights
 from .patch import ALWAYS, AdapterApplication, IPAdapterAttn2Patch, release_caches_with_model
@@ -52,6 +53,8 @@ class ApplyXformersIPAdapterAttention(ValidatesCombos, io.ComfyNode):
                 weight_input("weight", "Strength of the image prompt (0 = no effect, negative = push away)."),
                 weight_type_input(), *window_inputs(), combine_input("concat"), embeds_scaling_input(),
                 attention_op_input(), attn_mask_input(), image_negative_input(), layer_weights_input(),
+                io.Int.Input("enhance_tiles", default=1, min=1, max=MAX_ENHANCE_TILES, optional=True,
+                             tooltip=ENHANCE_TILES_TOOLTIP),
             ],
             outputs=[model_output()],
         )
@@ -59,19 +62,22 @@ class ApplyXformersIPAdapterAttention(ValidatesCombos, io.ComfyNode):
     @classmethod
     def execute(cls, model, ipadapter, clip_vision, image, weight: float, weight_type: str, start_at: float,
                 end_at: float, combine_embeds: str, embeds_scaling: str, attention_op=None, attn_mask=None,
-                image_negative=None, layer_weights: str = "") -> io.NodeOutput:
+                image_negative=None, layer_weights: str = "", enhance_tiles: int = 1) -> io.NodeOutput:
         from .families import APPLY_HANDLERS, family_handler  # families import this module's input helpers
 
         handler = family_handler(APPLY_HANDLERS, ipadapter)
         if handler is not None:
+            if enhance_tiles != 1:
+                raise ValueError(f"enhance_tiles must be 1 (off) for {type(ipadapter).__name__} adapters; it works "
+                                 "with SD1.5/SDXL plus, plus face and full face adapters")
             return io.NodeOutput(handler(
                 model=model, ipadapter=ipadapter, clip_vision=clip_vision, image=image, weight=weight,
                 weight_type=weight_type, start_at=start_at, end_at=end_at, combine_embeds=combine_embeds,
                 embeds_scaling=embeds_scaling, attention_op=attention_op, attn_mask=attn_mask,
                 image_negative=image_negative, layer_weights=layer_weights))
         target = prepare_target(model, ipadapter, weight, start_at, end_at, attention_op, attn_mask)
-        tokens = image_tokens(ipadapter, lambda pixels: clip_vision.encode_image(pixels), image, image_negative,
-                              combine_embeds)
+        tokens = enhanced_image_tokens(ipadapter, lambda pixels: clip_vision.encode_image(pixels), image,
+                                       image_negative, combine_embeds, enhance_tiles)
         return io.NodeOutput(apply_tokens(target, tokens, weight, weight_type, embeds_scaling, layer_weights))
 
 
@@ -140,6 +146,13 @@ def image_negative_input() -> io.Image.Input:
                           tooltip="Image(s) for the negative (unconditional) side. Default: zero embeddings for "
                                   "base adapters, a black image for plus/full-face adapters.")
 
+
+ENHANCE_TILES_TOOLTIP = (
+    "CLIP-vision enhancer: also cut each reference into N x N tiles, encode every tile at CLIP's full input size "
+    "and pool their patch tokens back into one more encoding, fed after the plain one (combine_embeds mixes them). "
+    "More detail from large references. 1 = off. Plus, plus face and full face adapters only (base adapters get "
+    "a node error: their pooled embedding has no patch grid)."
+)
 
 LAYER_WEIGHTS_TOOLTIP = (
     "Optional per-block weights that replace the weight type's: 'index:weight, ...' (commas or new lines), the "

@@ -17,6 +17,8 @@ from .patch_model import PatchXformersModelAttention
 from .select_op import SelectXformersAttentionOp
 from .unified_loader import XformersIPAdapterUnifiedLoader
 from .style_composition import ApplyXformersIPAdapterStyleComposition
+from .regional import NODES as REGIONAL_NODES
+from .tiled import ApplyXformersIPAdapterTiled
 
 logger = logging.getLogger(__name__)
 
@@ -52,4 +54,5 @@ class XformersIPAdapterExtension(ComfyExtension):
                 PatchXformersModelAttention, XformersIPAdapterUnifiedLoader,
                 XformersPrepImageForClipVision, XformersIPAdapterNoise,
                 XformersFaceAnalysisLoader,
-                *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition]
+                *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition,
+                *REGIONAL_NODES, ApplyXformersIPAdapterTiled]

@@ -10,6 +10,9 @@ computed that way. ``FaceAnalysis(channels="RGB")`` (default) does the same. Com
 ComfyUI's RGB arrays to InsightFace unchanged, so its networks see BGR: ``channels="BGR"`` reproduces its
 embeddings exactly.
 
+Recognizer input: (v - 127.5) / 127.5 on 0..255 values, as InsightFace feeds the packs' ONNX recognizers
+(w600k_r50, glintr100). Old MXNet-converted recognizers that normalise inside the graph are not supported.
+
 onnxruntime is imported when a pack is loaded, never at import time, and is not a hard requirement of the pack
 (users install ``onnxruntime`` or ``onnxruntime-gpu``; the two distributions clash, so we cannot pick for them).
 """
@@ -214,10 +217,9 @@ class FaceAnalysis:
                            self.fallback_reason)
         self.channels = channels
         self.score_threshold, self.nms_threshold = float(score_threshold), float(nms_threshold)
-        found = _open_pack(ort, self.pack_dir, self.provider)
-        (self.detector_path, self._detector, self._det_sig), (self.recognizer_path, self._recognizer,
-                                                              self._rec_sig) = found[:2]
-        self.ignored_files = found[2]
+        detector, recognizer, self.ignored_files = _open_pack(ort, self.pack_dir, self.provider)
+        self.detector_path, self._detector, self._det_sig = detector
+        self.recognizer_path, self._recognizer, self._rec_sig = recognizer
         self._frozen = True
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -238,7 +240,9 @@ class FaceAnalysis:
     # -- detection -------------------------------------------------------------------------------------------
     def detect(self, image: torch.Tensor, det_size: int = scrfd.DEFAULT_INPUT_SIZE) -> scrfd.Detections:
         """Faces in `image` [H, W, 3] float 0..1 (RGB), best score first (no embeddings)."""
-        pixels = _to_pixels(image)
+        return self._detect_pixels(_to_pixels(image), det_size)
+
+    def _detect_pixels(self, pixels: torch.Tensor, det_size: int) -> scrfd.Detections:
         box = scrfd.letterbox(pixels, det_size, self.channels)
         outputs = self._detector.run(list(self._det_sig.output_names), {self._det_sig.input_name: box.tensor})
         return scrfd.postprocess(outputs, det_size, box.scale, self.score_threshold, self.nms_threshold)
@@ -267,7 +271,7 @@ class FaceAnalysis:
         640, 576, ..., 320: STANDARD_DET_SIZES). No face: an empty list."""
         pixels = _to_pixels(image)
         for size in det_sizes:
-            found = self.detect(image, size)
+            found = self._detect_pixels(pixels, size)
             if len(found.scores):
                 break
         else:

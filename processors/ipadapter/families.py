@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional
 
-from ..families.flux import read_flux_adapter
 from ..families.sd3 import read_sd3_adapter
 from .faceid import read_faceid
 
 FamilyReader = Callable[[Mapping[str, Any], str], Optional[Any]]
+
+
+def read_flux_adapter(tensors: Mapping[str, Any], name: str) -> Optional[Any]:
+    """Flux XLabs / InstantX (imported here, not above: processors.families.flux imports this package)."""
+    from ..families.flux import read_flux_adapter as read
+
+    return read(tensors, name)
+
 
 # Family readers, tried in order (each module adds its reader here with one line).
 READERS: tuple[FamilyReader, ...] = (read_flux_adapter, read_sd3_adapter, read_faceid)

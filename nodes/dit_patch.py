@@ -205,10 +205,11 @@ def install_dit(model, application) -> Any:
 
 def record_latent_shape(model) -> None:
     """Let patches see the latent's shape (`transformer_options[LATENT_SHAPE_KEY]`): masks need the token grid,
-    which a DiT block's inputs do not carry. A diffusion-model wrapper, registered once per patcher."""
-    if LATENT_WRAPPER_KEY in model.wrappers.get(WrappersMP.DIFFUSION_MODEL, {}):
+    which a DiT block's inputs do not carry. An apply-model wrapper (every model runs those; ComfyUI 0.3.75's SD3
+    MMDiT runs no diffusion-model wrappers), registered once per patcher."""
+    if LATENT_WRAPPER_KEY in model.wrappers.get(WrappersMP.APPLY_MODEL, {}):
         return
-    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, LATENT_WRAPPER_KEY, _latent_shape_wrapper)
+    model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, LATENT_WRAPPER_KEY, _latent_shape_wrapper)
 
 
 def _latent_shape_wrapper(executor, x, *args, **kwargs):

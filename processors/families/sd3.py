@@ -37,8 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ipadapter.errors import IPAdapterFileError
-
 logger = logging.getLogger(__name__)
 
 NORM_EPS = 1e-6  # every norm of the adapter (and the host's q/k RMSNorm) uses this epsilon
@@ -195,6 +193,10 @@ def is_sd3_layout(tensors: Mapping[str, Any]) -> bool:
 def read_sd3_adapter(tensors: Mapping[str, Any], name: str) -> Optional[SD3IPAdapter]:
     """The family reader (processors/ipadapter/families.py): an SD3IPAdapter when `tensors` are InstantX SD3's,
     else None; a recognised but broken file raises IPAdapterFileError naming the file and the problem."""
+    # imported here: processors.ipadapter's package imports this reader (families.py), so a module-level import
+    # would be circular when this module is imported first
+    from ..ipadapter.errors import IPAdapterFileError
+
     if not is_sd3_layout(tensors):
         return None
     nested = _nested(tensors)
@@ -378,12 +380,13 @@ def joint_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
                           host_k_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over adapters of `scale * mask * attention(norm_q(q), cat(norm_k(k), ip_k), cat(v, ip_v))`.
 
-    q, k, v: the image stream's `[B, Li, C]` as the host's attention receives them (through `host_*_norm` when
+    q, k, v: the image stream's `[B, Li, C]` (v may be `[B, Li, H, D]`) as the host's attention receives them (through `host_*_norm` when
     given). `attend` is the engine's plain attention (`Planner.attention`). Returns `[B, Li, C]` in q's dtype.
     """
     batch, length, width = q.shape
     head_dim = width // heads
-    q4, k4, v4 = (t.unflatten(-1, (heads, head_dim)) for t in (q, k, v))
+    # [B, L, H*D] or [B, L, H, D] (ComfyUI's MMDiT passes v unflattened) -> [B, L, H, D] views
+    q4, k4, v4 = (t.reshape(batch, length, heads, head_dim) for t in (q, k, v))
     total: Optional[torch.Tensor] = None
     for branch in branches:
         ip_k = branch.k.to(q.dtype).unflatten(-1, (heads, head_dim)).expand(batch, -1, -1, -1)
@@ -435,7 +438,10 @@ class StepTokens:
         device, count = sigmas.device, self.positive.shape[0]
         sources = (self.positive.to(device, dtype), self.negative.to(device, dtype))
         features = torch.cat([sources[int(n)] for n in negative_rows])  # [B*n, L, E]
-        steps = timesteps(sigmas.reshape(-1)).to(device).repeat_interleave(count)
+        steps = timesteps(sigmas.reshape(-1)).to(device)
+        if steps.numel() != len(negative_rows):  # one sigma for the whole call
+            steps = steps[:1].expand(len(negative_rows))
+        steps = steps.repeat_interleave(count)
         tokens, temb = resample(model, features, steps)
         return tokens.reshape(len(negative_rows), -1, tokens.shape[-1]), temb[::count]
 

@@ -30,6 +30,8 @@ class Attn2Site(SiteSpec):
 def _transformers(diffusion_model) -> list[tuple[str, int, SpatialTransformer]]:
     """(block name, number, SpatialTransformer) in forward order: input, middle, output."""
     found = []
+    if not hasattr(diffusion_model, "input_blocks"):  # a DiT (Flux, SD3): no UNet cross-attention at all
+        return found
     groups = [("input", enumerate(diffusion_model.input_blocks))]
     if getattr(diffusion_model, "middle_block", None) is not None:
         groups.append(("middle", [(0, diffusion_model.middle_block)]))

@@ -23,3 +23,9 @@ def family_handler(handlers: dict[type, FamilyHandler], ipadapter: Any) -> Optio
         if isinstance(ipadapter, adapter_class):
             return handler
     return None
+
+
+from .flux import FLUX_APPLY, FLUX_EMBEDS  # noqa: E402  (the handlers import this module's neighbours)
+
+APPLY_HANDLERS.update(FLUX_APPLY)
+EMBEDS_HANDLERS.update(FLUX_EMBEDS)

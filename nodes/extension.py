@@ -19,6 +19,8 @@ from .unified_loader import XformersIPAdapterUnifiedLoader
 from .style_composition import ApplyXformersIPAdapterStyleComposition
 from .regional import NODES as REGIONAL_NODES
 from .tiled import ApplyXformersIPAdapterTiled
+from .batch import ApplyXformersIPAdapterBatch
+from .frame_weights import XformersIPAdapterWeights
 
 logger = logging.getLogger(__name__)
 
@@ -55,4 +57,5 @@ class XformersIPAdapterExtension(ComfyExtension):
                 XformersPrepImageForClipVision, XformersIPAdapterNoise,
                 XformersFaceAnalysisLoader,
                 *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition,
+                ApplyXformersIPAdapterBatch, XformersIPAdapterWeights,
                 *REGIONAL_NODES, ApplyXformersIPAdapterTiled]

@@ -1,0 +1,164 @@
+"""Apply Batch and IP-Adapter Weights on a real ComfyUI: frame i of an unfolded batch is what a single-image
+Apply of image i gives to latent i (same noise per latent), also when ComfyUI's own Context Windows node
+samples the frames in overlapping windows; bad input fails at the node with a message naming the input."""
+
+import logging
+
+import pytest
+import torch
+
+from harness import host_helpers as hh
+
+FRAMES = 4
+DEFAULTS = dict(weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat", embeds_scaling="V only")
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return {"apply": hh.pack_module("nodes.apply").ApplyXformersIPAdapterAttention,
+            "batch": hh.pack_module("nodes.batch").ApplyXformersIPAdapterBatch,
+            "weights": hh.pack_module("nodes.frame_weights").XformersIPAdapterWeights}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.cat([hh.image(20 + i) for i in range(FRAMES)])
+
+
+def apply_batch(nodes, model, adapter, clip_vision, image, weight=1.0, unfold_batch=True, encode_batch_size=0,
+                **overrides):
+    args = {**DEFAULTS, **overrides}
+    return nodes["batch"].execute(model, adapter, clip_vision, image, weight=weight, unfold_batch=unfold_batch,
+                                  encode_batch_size=encode_batch_size, **args).result[0]
+
+
+def apply(nodes, model, adapter, clip_vision, image, weight):
+    return nodes["apply"].execute(model, adapter, clip_vision, image, weight=weight, **DEFAULTS).result[0]
+
+
+def sample(model, steps=STEPS):
+    return hh.sample(model, steps=steps, batch=FRAMES)  # latent i always gets the same noise slice
+
+
+def assert_frame_close(got, want):
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_frame_i_equals_a_single_image_apply_of_image_i(nodes, unet, clip_vision, adapters, images):
+    # K+V folds each frame's weight into its keys and values (V only, the per-row output scale, runs below)
+    scaling, weights = "K+V", [1.0, 0.0, 0.5, 1.5]
+    batch = sample(apply_batch(nodes, unet, adapters["plus"], clip_vision, images, weight=weights,
+                               embeds_scaling=scaling))
+    singles = [sample(nodes["apply"].execute(unet, adapters["plus"], clip_vision, images[i:i + 1],
+                                             **{**DEFAULTS, "weight": weights[i], "embeds_scaling": scaling}
+                                             ).result[0]) for i in range(FRAMES)]
+    for i in range(FRAMES):
+        assert_frame_close(batch[i], singles[i][i])
+    # the frames really differ by image: frame 2 is not what image 3 gives it
+    assert (batch[2] - singles[3][2]).abs().max() > 1e-2 * batch[2].abs().max()
+    # weight 0 on frame 1: the unpatched model's frame 1
+    assert_frame_close(batch[1], sample(unet)[1])
+
+
+def test_context_windows_use_the_frame_indices_not_batch_positions(nodes, unet, clip_vision, adapters, images,
+                                                                   caplog):
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    weights = [1.0, 0.25, 0.5, 2.0]
+    patched = apply_batch(nodes, unet, adapters["base"], clip_vision, images, weight=weights)
+    # ComfyUI 0.3.75 finds the step of a batch (dim 0) window by comparing the sigmas with the per-latent
+    # timesteps elementwise (IndexListContextHandler.set_step), which only broadcasts when the batch is steps + 1
+    steps = FRAMES - 1
+    whole = sample(patched, steps)
+    # windows [0, 1, 2] and [1, 2, 3]: frame 3 sits at position 2 of the second window, frames 1-2 in both
+    windowed_model = ContextWindowsManualNode.execute(
+        patched, context_length=3, context_overlap=2, context_schedule="standard_static", context_stride=1,
+        closed_loop=False, fuse_method="pyramid", dim=0).result[0]
+    with caplog.at_level(logging.INFO):
+        windowed = sample(windowed_model, steps)
+    assert "Using context windows 3 for 4 frames" in caplog.text
+    assert "without frame indices" not in caplog.text
+    for i in range(FRAMES):
+        assert_frame_close(windowed[i], whole[i])
+    # the same windows on a model whose frames followed batch positions would give frame 3 image 2
+    shifted = sample(apply_batch(nodes, unet, adapters["base"], clip_vision, images[[0, 1, 2, 2]],
+                                 weight=weights[:3] + [weights[2]]), steps)
+    assert (windowed[3] - shifted[3]).abs().max() > 1e-2 * windowed[3].abs().max()
+
+
+def test_fewer_latents_than_frames_without_indices_is_logged_once(nodes, unet, clip_vision, adapters, images,
+                                                                  caplog):
+    patched = apply_batch(nodes, unet, adapters["base"], clip_vision, images)
+    with caplog.at_level(logging.WARNING):
+        hh.sample(patched, steps=STEPS, batch=2)
+    notices = [r for r in caplog.records if "without frame indices" in r.getMessage()]
+    assert len(notices) == 1 and "2 latents" in notices[0].getMessage() and "4 frames" in notices[0].getMessage()
+
+
+def test_without_unfold_it_is_apply_with_the_first_weight(nodes, unet, clip_vision, adapters, images):
+    batch = sample(apply_batch(nodes, unet, adapters["base"], clip_vision, images[:2], weight=[0.7, 0.1],
+                               unfold_batch=False))
+    assert torch.equal(batch, sample(apply(nodes, unet, adapters["base"], clip_vision, images[:2], 0.7)))
+
+
+class CountingClipVision:
+    """The tiny CLIP vision, recording the batch size of every encode."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.batches = inner, []
+
+    def encode_image(self, pixels, crop=True):
+        self.batches.append(pixels.shape[0])
+        return self.inner.encode_image(pixels, crop=crop)
+
+
+def test_encode_batch_size_encodes_in_chunks_with_the_same_result(nodes, unet, clip_vision, adapters, images):
+    counting = CountingClipVision(clip_vision)
+    chunked = sample(apply_batch(nodes, unet, adapters["plus"], counting, images, encode_batch_size=3))
+    assert counting.batches[0:2] == [3, 1]
+    whole = sample(apply_batch(nodes, unet, adapters["plus"], clip_vision, images))
+    assert_frame_close(chunked, whole)
+
+
+def test_weights_node_feeds_apply_batch(nodes, unet, clip_vision, adapters, images):
+    weights, inverted, total, image_1, image_2 = nodes["weights"].execute(
+        weights="1.0, 0.0", timing="linear", frames=2, start_frame=0, end_frame=9999, add_starting_frames=0,
+        add_ending_frames=0, method="shift batches", image=images[:2]).result
+    assert weights == [1.0, 0.0] and inverted == [0.0, 1.0] and total == 2
+    assert torch.equal(image_1, images[:1].repeat(2, 1, 1, 1)) and torch.equal(image_2, images[1:2].repeat(2, 1, 1, 1))
+    model = apply_batch(nodes, unet, adapters["base"], clip_vision, image_1, weight=weights)
+    model = apply_batch(nodes, model, adapters["base"], clip_vision, image_2, weight=inverted)
+    latent = hh.sample(model, steps=STEPS, batch=total)
+    assert torch.isfinite(latent).all()
+
+
+@pytest.mark.parametrize("weight,unfold,encode_batch_size,match", [
+    ([1.0] * 5, True, 0, "weight has 5 per-frame values but image has 4 frames"),
+    ([], True, 0, "empty"),
+    ([1.0, "x"], True, 0, "finite number"),
+    ("1.0", True, 0, "weight must be a number or a list"),
+    (float("inf"), True, 0, "finite"),
+    (1.0, "yes", 0, "unfold_batch"),
+    (1.0, True, -1, "encode_batch_size"),
+])
+def test_bad_apply_batch_input_is_a_node_error(nodes, unet, clip_vision, adapters, images, weight, unfold,
+                                               encode_batch_size, match):
+    with pytest.raises(Exception, match=match):
+        apply_batch(nodes, unet, adapters["base"], clip_vision, images, weight=weight, unfold_batch=unfold,
+                    encode_batch_size=encode_batch_size)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(start_frame=8, end_frame=4, frames=10), "start_frame"),
+    (dict(start_frame=12, frames=10), "start_frame"),
+    (dict(timing="custom", weights="1, 0.5, 0", frames=2), "weights lists 3 values but frames is 2"),
+    (dict(weights="1, zero"), "'zero' is not a number"),
+    (dict(weights=0.5), "weights must be a string"),
+    (dict(method="shift batches", image=torch.rand(1, 8, 8, 3)), "at least 2"),
+])
+def test_bad_weights_input_is_a_node_error(nodes, overrides, match):
+    args = dict(weights="1.0, 0.0", timing="linear", frames=4, start_frame=0, end_frame=9999,
+                add_starting_frames=0, add_ending_frames=0, method="full batch")
+    with pytest.raises(Exception, match=match):
+        nodes["weights"].execute(**{**args, **overrides})

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from ..processors.ipadapter.faceid_adapter import FaceIDAdapterModel
+from .faceid import refuse_faceid_adapter
+
 FamilyHandler = Callable[..., Any]
 
 # ApplyXformersIPAdapterAttention: adapter class -> handler(**the node's inputs) -> MODEL
 APPLY_HANDLERS: dict[type, FamilyHandler] = {}
 # ApplyXformersIPAdapterEmbeds: adapter class -> handler(**the node's inputs) -> MODEL
 EMBEDS_HANDLERS: dict[type, FamilyHandler] = {}
+
+# FaceID adapters need faces: the plain nodes say which node to use (nodes/faceid.py).
+APPLY_HANDLERS[FaceIDAdapterModel] = EMBEDS_HANDLERS[FaceIDAdapterModel] = refuse_faceid_adapter
 
 
 def family_handler(handlers: dict[type, FamilyHandler], ipadapter: Any) -> Optional[FamilyHandler]:
@@ -29,3 +35,8 @@ from .flux import FLUX_APPLY, FLUX_EMBEDS  # noqa: E402  (the handlers import th
 
 APPLY_HANDLERS.update(FLUX_APPLY)
 EMBEDS_HANDLERS.update(FLUX_EMBEDS)
+
+from .sd3 import SD3_APPLY, SD3_EMBEDS  # noqa: E402
+
+APPLY_HANDLERS.update(SD3_APPLY)
+EMBEDS_HANDLERS.update(SD3_EMBEDS)

@@ -277,3 +277,51 @@ def read_faceid(tensors: Mapping[str, Any], name: str) -> Optional[Any]:
     if nested is None or not is_faceid_layout(nested["image_proj"], nested["ip_adapter"]):
         return None
     return faceid_from_state_dict(nested, name)
+
+
+# --- the FaceID LoRA files (ComfyUI's `loras` folder) -------------------------------------------------------------
+
+# Kohya naming of a diffusers UNet attention projection: lora_unet_<block path>_attn{1,2}_to_{q,k,v,out_0}.
+_LORA_FILE_KEY = re.compile(r"^lora_unet_(\w+)_attn([12])_to_(q|k|v|out_0)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@dataclass(frozen=True)
+class FaceIDLoraInfo:
+    """A FaceID LoRA as read from its shapes: LoRA on the UNet's attention projections only (q, k, v, out of
+    every attn1 and attn2), as the released *_lora.safetensors files hold."""
+
+    rank: int
+    modules: int         # attention processors it covers (attn1 + attn2 of every transformer block)
+    context_dim: int     # attn2 key/value input width: 768 SD1.5, 2048 SDXL
+
+    @property
+    def base_model(self) -> str:
+        return base_model_name(self.context_dim)
+
+    def fits(self, adapter: AdapterInfo) -> bool:
+        """Whether this LoRA is the one trained with `adapter`: its LoRA keys' rank, processors and model."""
+        return (isinstance(adapter, FaceIDInfo) and adapter.lora_rank == self.rank
+                and adapter.lora_modules == self.modules and adapter.cross_attention_dim == self.context_dim)
+
+    def describe(self) -> str:
+        return (f"{self.base_model} FaceID LoRA (rank {self.rank}, {self.modules} attention layers, "
+                f"cross-attention {self.context_dim})")
+
+
+def faceid_lora_from_shapes(shapes: Mapping[str, tuple[Any, tuple[int, ...]]]) -> FaceIDLoraInfo:
+    """FaceIDLoraInfo from a LoRA file's {key: (dtype, shape)}; IPAdapterFileError when it is another LoRA."""
+    modules, ranks, contexts = set(), set(), set()
+    for key, (_, shape) in shapes.items():
+        m = _LORA_FILE_KEY.match(key)
+        if m is None:
+            raise IPAdapterFileError(f"not a FaceID LoRA: it has {key!r} (a FaceID LoRA holds only the UNet's "
+                                     "attention q/k/v/out projections)")
+        modules.add((m.group(1), m.group(2)))
+        if m.group(4) == "lora_down.weight":
+            ranks.add(shape[0])
+            if m.group(2) == "2" and m.group(3) == "k":
+                contexts.add(shape[1])
+    if len(ranks) != 1 or len(contexts) != 1:
+        raise IPAdapterFileError(f"not a FaceID LoRA: ranks {sorted(ranks)}, cross-attention widths "
+                                 f"{sorted(contexts)} (one of each expected)")
+    return FaceIDLoraInfo(rank=ranks.pop(), modules=len(modules), context_dim=contexts.pop())

@@ -22,6 +22,7 @@ import torch
 from ..tensor_cache import TensorCache
 from .detection import AdapterInfo, detect_adapter
 from .errors import IPAdapterError
+from .faceid import faceid_lora_from_shapes
 from .weights import _NESTED_ALIASES, _PREFIXES, SAFETENSORS_SUFFIXES, normalize_layout
 
 logger = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def clip_vision_from_shapes(shapes: Shapes) -> ClipVisionInfo:
 
 # --- identification with a cache ---------------------------------------------------------------------------
 
-ADAPTER, CLIP_VISION = "ipadapter", "clip_vision"
-_READERS: dict[str, Callable[[Shapes], Any]] = {ADAPTER: adapter_from_shapes, CLIP_VISION: clip_vision_from_shapes}
+ADAPTER, CLIP_VISION, FACEID_LORA = "ipadapter", "clip_vision", "faceid_lora"
+_READERS: dict[str, Callable[[Shapes], Any]] = {ADAPTER: adapter_from_shapes, CLIP_VISION: clip_vision_from_shapes,
+                                                FACEID_LORA: faceid_lora_from_shapes}
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,8 @@ class Identified:
 
     path: str
     name: str                      # as ComfyUI lists it (relative to its model folder)
-    role: str                      # ADAPTER or CLIP_VISION: the folder it was found in
-    info: Any = None               # AdapterInfo / ClipVisionInfo; None when `problem` says why not
+    role: str                      # ADAPTER, CLIP_VISION or FACEID_LORA: what it was looked at as
+    info: Any = None               # AdapterInfo / ClipVisionInfo / FaceIDLoraInfo; None when `problem` says why not
     problem: str = ""
 
     def describe(self) -> str:

@@ -36,12 +36,16 @@ class Preset:
     prefer: tuple[str, ...] = ()             # file-name parts that win a tie between same-shaped files
     avoid: tuple[str, ...] = ()              # file-name parts that lose it
     downloads: Mapping[str, str] = field(default_factory=dict)  # base model -> adapter file to download
-    encoder: str = "ViT-H"                   # the CLIP vision its released adapters use
+    encoder: Optional[str] = "ViT-H"         # the CLIP vision its released adapters use (None: they use none)
 
     def wants(self, info: AdapterInfo) -> bool:
         if info.variant != self.variant:
             return False
         return self.bigg is None or (info.clip_encoder == "ViT-bigG") == self.bigg
+
+    def needs_clip(self, info: AdapterInfo) -> bool:
+        """Whether a chosen adapter needs a CLIP vision file to be usable (every adapter but some FaceID)."""
+        return True
 
     def name_rank(self, file_name: str) -> int:
         """Higher for names that say this preset; only compared between files of identical shapes."""
@@ -87,11 +91,12 @@ PRESETS: tuple[Preset, ...] = (
 PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in PRESETS)
 
 
-def preset_named(name: str) -> Preset:
-    for preset in PRESETS:
+def preset_named(name: str, presets: Sequence[Preset] = PRESETS) -> Preset:
+    """The preset called `name` among `presets` (the Unified Loader's, or FACEID_PRESETS)."""
+    for preset in presets:
         if preset.name == name:
             return preset
-    raise ValueError(f"preset: {name!r} is not one of {', '.join(repr(n) for n in PRESET_NAMES)}")
+    raise ValueError(f"preset: {name!r} is not one of {', '.join(repr(p.name) for p in presets)}")
 
 
 class NothingFits(IPAdapterMismatchError):
@@ -99,10 +104,52 @@ class NothingFits(IPAdapterMismatchError):
 
 
 @dataclass(frozen=True)
+class FaceIDPreset(Preset):
+    """A Unified Loader FaceID preset: a FaceID variant for the base models it was released for, with the LoRA
+    it was trained with (`lora`) and, for Plus, which of Plus / Plus V2 the preset means (`plus_v2`)."""
+
+    lora: bool = False
+    plus_v2: bool = False
+
+    def wants(self, info: AdapterInfo) -> bool:
+        return info.variant == self.variant and info.base_model in self.downloads
+
+    def needs_clip(self, info: AdapterInfo) -> bool:
+        return bool(getattr(info, "needs_clip_vision", True))
+
+
+_FACEID_HUB = "huggingface.co/h94/IP-Adapter-FaceID"
+
+
+def _faceid(file: str) -> str:
+    return f"{file} ({_FACEID_HUB})"
+
+
+# Same-shaped twins: FaceID Plus vs Plus V2 (SD1.5: "v2" in the name), Portrait vs Portrait v11 (SD1.5: "v11",
+# the newer). The LoRA files are named after their adapter (<adapter>_lora.safetensors).
+FACEID_PRESETS: tuple[FaceIDPreset, ...] = (
+    FaceIDPreset("FACEID", "faceid", lora=True, encoder=None,
+                 downloads={"SD1.5": _faceid("ip-adapter-faceid_sd15.bin"),
+                            "SDXL": _faceid("ip-adapter-faceid_sdxl.bin")}),
+    FaceIDPreset("FACEID PLUS - SD1.5 only", "faceid-plus", lora=True, avoid=("v2",),
+                 downloads={"SD1.5": _faceid("ip-adapter-faceid-plus_sd15.bin")}),
+    FaceIDPreset("FACEID PLUS V2", "faceid-plus", lora=True, plus_v2=True, prefer=("v2",),
+                 downloads={"SD1.5": _faceid("ip-adapter-faceid-plusv2_sd15.bin"),
+                            "SDXL": _faceid("ip-adapter-faceid-plusv2_sdxl.bin")}),
+    FaceIDPreset("FACEID PORTRAIT (style transfer)", "faceid-portrait", prefer=("portrait", "v11"), encoder=None,
+                 downloads={"SD1.5": _faceid("ip-adapter-faceid-portrait-v11_sd15.bin"),
+                            "SDXL": _faceid("ip-adapter-faceid-portrait_sdxl.bin")}),
+    FaceIDPreset("FACEID PORTRAIT UNNORM - SDXL only (strong)", "faceid-portrait-unnorm", encoder=None,
+                 downloads={"SDXL": _faceid("ip-adapter-faceid-portrait_sdxl_unnorm.bin")}),
+)
+FACEID_PRESET_NAMES: tuple[str, ...] = tuple(p.name for p in FACEID_PRESETS)
+
+
+@dataclass(frozen=True)
 class Choice:
     preset: Preset
     adapter: Identified
-    clip_vision: Identified
+    clip_vision: Optional[Identified]  # None only where the preset's adapter needs no CLIP vision
 
     @property
     def name_says_it(self) -> bool:
@@ -138,9 +185,9 @@ def choose(preset: Preset, sites: Sequence[SiteSpec], adapters: Sequence[Identif
     fitting.sort(key=lambda a: (-preset.name_rank(a.name), a.path not in reuse, order[a.path]))
     for adapter in fitting:
         clips = [e for e in encoders if e.info is not None and e.info.fits(adapter.info)]
-        if clips:
-            clips.sort(key=lambda e: e.path not in reuse)  # stable: folder order otherwise
-            return Choice(preset, adapter, clips[0])
+        clips.sort(key=lambda e: e.path not in reuse)  # stable: folder order otherwise
+        if clips or not preset.needs_clip(adapter.info):
+            return Choice(preset, adapter, clips[0] if clips else None)
     raise NothingFits(nothing_fits_message(preset, sites, adapters, encoders, fitting))
 
 
@@ -161,9 +208,10 @@ def nothing_fits_message(preset: Preset, sites: Sequence[SiteSpec], adapters: Se
                f"{info.clip_output} it is fed with ({want}). Download into models/clip_vision: "
                f"{ENCODER_DOWNLOADS.get(want, 'the CLIP vision model it was trained with')}.")
     elif family in preset.downloads:
-        why = (f"Download into models/ipadapter: {preset.downloads[family]}; and, if missing, into "
-               f"models/clip_vision: {ENCODER_DOWNLOADS[preset.encoder]}. Any file name works: files are "
-               "recognised by their tensor shapes.")
+        clip = (f"; and, if missing, into models/clip_vision: {ENCODER_DOWNLOADS[preset.encoder]}"
+                if preset.encoder else "")
+        why = (f"Download into models/ipadapter: {preset.downloads[family]}{clip}. Any file name works: files "
+               "are recognised by their tensor shapes.")
     else:
         others = ", ".join(sorted(preset.downloads)) or "no base model"
         why = f"This preset exists for {others} only; choose another preset for this model."
@@ -171,3 +219,21 @@ def nothing_fits_message(preset: Preset, sites: Sequence[SiteSpec], adapters: Se
     lines += _inventory("IP-Adapter files found", adapters)
     lines += _inventory("CLIP vision files found", encoders)
     return "\n".join(lines)
+
+
+def choose_lora(preset: Preset, adapter: Identified, loras: Sequence[Identified]) -> Identified:
+    """The LoRA file trained with `adapter` (same rank, attention layers and base model, from its shapes). Ties
+    between same-shaped files: the name that contains the adapter's file name, then the preset's name parts."""
+    fitting = [f for f in loras if f.info is not None and f.info.fits(adapter.info)]
+    stem = os.path.splitext(os.path.basename(adapter.name))[0].lower()
+    order = {f.path: i for i, f in enumerate(fitting)}
+    fitting.sort(key=lambda f: (stem not in os.path.basename(f.name).lower(), -preset.name_rank(f.name),
+                                order[f.path]))
+    if fitting:
+        return fitting[0]
+    info = adapter.info
+    lines = [f"preset {preset.name!r}: no LoRA in the loras folder fits the FaceID adapter {adapter.name} (a "
+             f"rank-{info.lora_rank} LoRA of the {info.base_model} UNet's attention, {info.lora_modules} layers). "
+             f"Download into models/loras: {stem}_lora.safetensors ({_FACEID_HUB}), or set lora_strength to 0."]
+    lines += _inventory("LoRA files found", loras)
+    raise NothingFits("\n".join(lines))

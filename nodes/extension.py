@@ -9,6 +9,8 @@ from comfy_api.latest import ComfyExtension, io
 from . import routes
 from .folders import register_insightface_folder, register_ipadapter_folder
 from .face_analysis import XformersFaceAnalysisLoader
+from .faceid import ApplyXformersIPAdapterFaceID
+from .unified_loader_faceid import XformersIPAdapterUnifiedLoaderFaceID
 from .apply import ApplyXformersIPAdapterAttention
 from .embeds import NODES as EMBEDS_NODES
 from .image_prep import XformersIPAdapterNoise, XformersPrepImageForClipVision
@@ -55,7 +57,7 @@ class XformersIPAdapterExtension(ComfyExtension):
         return [LoadXformersIPAdapter, SelectXformersAttentionOp, ApplyXformersIPAdapterAttention,
                 PatchXformersModelAttention, XformersIPAdapterUnifiedLoader,
                 XformersPrepImageForClipVision, XformersIPAdapterNoise,
-                XformersFaceAnalysisLoader,
+                XformersFaceAnalysisLoader, ApplyXformersIPAdapterFaceID, XformersIPAdapterUnifiedLoaderFaceID,
                 *EMBEDS_NODES, ApplyXformersIPAdapterStyleComposition,
                 ApplyXformersIPAdapterBatch, XformersIPAdapterWeights,
                 *REGIONAL_NODES, ApplyXformersIPAdapterTiled]

@@ -349,13 +349,16 @@ def renorm_obstacle(host_weight: Optional[torch.Tensor]) -> str:
     return f"its RMSNorm weight has {zeros} zero entries" if zeros else ""
 
 
-def renormalize(x4: torch.Tensor, host_weight: Optional[torch.Tensor], own_weight: torch.Tensor) -> torch.Tensor:
+def renormalize(x4: torch.Tensor, host_weight: Optional[torch.Tensor], own_weight: torch.Tensor,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The adapter's RMSNorm of the raw projection, from what the host gives: `x4` `[B, L, H, D]` is the host's
-    RMSNorm output (host_weight given) or the raw projection (host_weight None). Ratio in float32."""
+    RMSNorm output (host_weight given) or the raw projection (host_weight None). Ratio in float32. `out`: where
+    to write it (a slice of a joint buffer)."""
     if host_weight is None:
-        return rms_norm(x4, own_weight)
+        normed = rms_norm(x4, own_weight)
+        return normed if out is None else out.copy_(normed)
     ratio = own_weight.to(x4.device, torch.float32) / host_weight.to(x4.device, torch.float32)
-    return x4 * ratio.to(x4.dtype)
+    return torch.mul(x4, ratio.to(x4.dtype), out=out)
 
 
 @dataclass(frozen=True)
@@ -391,12 +394,24 @@ def joint_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     for branch in branches:
         ip_k = branch.k.to(q.dtype).unflatten(-1, (heads, head_dim)).expand(batch, -1, -1, -1)
         ip_v = branch.v.to(q.dtype).unflatten(-1, (heads, head_dim)).expand(batch, -1, -1, -1)
-        keys = torch.cat([renormalize(k4, host_k_norm, branch.norm_k), ip_k], dim=1)
+        keys = _joint_keys(k4, ip_k, host_k_norm, branch.norm_k)
         values = torch.cat([v4, ip_v], dim=1)
         out = attend(renormalize(q4, host_q_norm, branch.norm_q), keys, values).reshape(batch, length, width)
-        out = out * _factor(branch, out)
+        factor = _factor(branch, out)
+        out = out.mul_(factor) if out.is_contiguous() else out * factor
         total = out if total is None else total.add_(out)
     return q.new_zeros(q.shape) if total is None else total
+
+
+def _joint_keys(k4: torch.Tensor, ip_k: torch.Tensor, host_weight: Optional[torch.Tensor],
+                own_weight: torch.Tensor) -> torch.Tensor:
+    """cat(adapter-normalised image keys, adapter keys) `[B, Li + Nip, H, D]`, the renormalisation written
+    straight into the joint buffer (one pass over the image keys, not a product and then a copy)."""
+    batch, length = k4.shape[0], k4.shape[1]
+    keys = k4.new_empty(batch, length + ip_k.shape[1], k4.shape[2], k4.shape[3])
+    renormalize(k4, host_weight, own_weight, out=keys[:, :length])
+    keys[:, length:] = ip_k
+    return keys
 
 
 def _factor(branch: JointBranch, like: torch.Tensor) -> Union[float, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,38 @@ def shape_with(**changes) -> SD3AdapterShape:
 
 def describe(shape: SD3AdapterShape) -> dict:
     return asdict(shape)
+
+
+class HostLikeProcessor:
+    """What ComfyUI's MMDiT does around our patch, on diffusers' Attention modules (a diffusers processor): q/k
+    through the block's own norms, one joint attention over text-then-image tokens, then our image attention
+    (processors/families/sd3.py) added to the image part before the output projections.
+
+    `branch(attn)` returns the adapter's JointBranch for this call (the benchmark computes its K/V inside, as
+    diffusers' processor does); `attend` is the engine's plain attention (Planner.attention)."""
+
+    def __init__(self, branch, attend) -> None:
+        self.branch, self.attend = branch, attend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        batch, heads = hidden_states.shape[0], attn.heads
+
+        def project(x, to_q, to_k, to_v, norm_q, norm_k):
+            q, k, v = (layer(x).unflatten(-1, (heads, -1)) for layer in (to_q, to_k, to_v))
+            q, k = (t if norm is None else norm(t) for t, norm in ((q, norm_q), (k, norm_k)))
+            return q.flatten(-2), k.flatten(-2), v.flatten(-2)
+
+        img = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        txt = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                      attn.norm_added_q, attn.norm_added_k)
+        q, k, v = (torch.cat([t, i], dim=1).unflatten(-1, (heads, -1)).transpose(1, 2) for t, i in zip(txt, img))
+        joint = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
+        length = encoder_hidden_states.shape[1]
+        host_q = getattr(attn.norm_q, "weight", None)
+        host_k = getattr(attn.norm_k, "weight", None)
+        from processors.families.sd3 import joint_image_attention
+
+        branch = self.branch(attn) if callable(self.branch) else self.branch
+        image = joint[:, length:] + joint_image_attention(*img, heads, [branch], self.attend,
+                                                          host_q_norm=host_q, host_k_norm=host_k)
+        return attn.to_out[0](image), attn.to_add_out(joint[:, :length])

@@ -12,9 +12,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from harness.sd3_models import SD3AdapterShape, instantx_sd3_state_dict, nested
+from harness.sd3_models import HostLikeProcessor, SD3AdapterShape, instantx_sd3_state_dict, nested
 from harness.testing import require
 
 require("diffusers.loaders.transformer_sd3")  # the oracle: fails under CI when missing, never skips there
@@ -22,8 +21,7 @@ from diffusers.loaders.transformer_sd3 import SD3Transformer2DLoadersMixin  # no
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel  # noqa: E402
 
 from processors.backends import AttentionOpConfig  # noqa: E402
-from processors.families.sd3 import (JointBranch, block_image_kv, diffusers_resampler_keys,  # noqa: E402
-                                     joint_image_attention, read_sd3_adapter)
+from processors.families.sd3 import JointBranch, block_image_kv, diffusers_resampler_keys, read_sd3_adapter  # noqa: E402,E501
 from processors.planner import Planner  # noqa: E402
 
 SHAPE = SD3AdapterShape(hidden=128, head_dim=64, blocks=2, encoder_width=48, tokens=8)
@@ -92,34 +90,6 @@ def tiny_transformer(state, qk_norm):
     return model
 
 
-class HostLikeProcessor:
-    """What ComfyUI's MMDiT does around our patch, on diffusers' modules: q/k through the block's own norms,
-    one joint attention over text-then-image tokens; then our image attention added to the image part."""
-
-    def __init__(self, branch: JointBranch, planner: Planner) -> None:
-        self.branch, self.planner = branch, planner
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
-        batch, heads = hidden_states.shape[0], attn.heads
-
-        def project(x, to_q, to_k, to_v, norm_q, norm_k):
-            q, k, v = (layer(x).unflatten(-1, (heads, -1)) for layer in (to_q, to_k, to_v))
-            q, k = (t if norm is None else norm(t) for t, norm in ((q, norm_q), (k, norm_k)))
-            return q.flatten(-2), k.flatten(-2), v.flatten(-2)
-
-        img = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        txt = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                      attn.norm_added_q, attn.norm_added_k)
-        q, k, v = (torch.cat([t, i], dim=1).unflatten(-1, (heads, -1)).transpose(1, 2) for t, i in zip(txt, img))
-        joint = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2)
-        length = encoder_hidden_states.shape[1]
-        host_q = getattr(attn.norm_q, "weight", None)
-        host_k = getattr(attn.norm_k, "weight", None)
-        image = joint[:, length:] + joint_image_attention(*img, heads, [self.branch], self.planner.attention,
-                                                          host_q_norm=host_q, host_k_norm=host_k)
-        return attn.to_out[0](image), attn.to_add_out(joint[:, :length])
-
-
 @pytest.mark.parametrize("qk_norm", ["rms_norm", None])
 @pytest.mark.parametrize("op", ["auto", "sdpa:math"])
 def test_joint_block_equals_diffusers(state, features, qk_norm, op):
@@ -143,7 +113,7 @@ def test_joint_block_equals_diffusers(state, features, qk_norm, op):
         adapter = ours.ip_adapter[0]
         branch = JointBranch(k, v, adapter.norm_q.weight, adapter.norm_k.weight, scale)
         ours_block = copy.deepcopy(block)
-        ours_block.attn.set_processor(HostLikeProcessor(branch, Planner(AttentionOpConfig(op=op))))
+        ours_block.attn.set_processor(HostLikeProcessor(branch, Planner(AttentionOpConfig(op=op)).attention))
         our_txt, our_img = ours_block(hidden, context, conditioning)
         # the adapter changes the block's output: the comparison is not of two unpatched blocks
         block.attn.processor.scale = 0.0

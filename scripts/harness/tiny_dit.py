@@ -67,7 +67,11 @@ def flux_inputs(tiny: TinyFlux, batch: int = 2, height: int = 8, width: int = 8,
 def run_flux(patcher, inputs: dict, transformer_options: dict | None = None) -> torch.Tensor:
     """One denoiser call the way ComfyUI's sampler makes it (model_options' transformer_options, sigmas,
     cond_or_uncond), without a sampler: returns the model's output."""
+    import comfy.patcher_extension
+
     options = dict(patcher.model_options.get("transformer_options", {}))
+    # as CFGGuider.outer_sample does: the patcher's wrappers (e.g. DIFFUSION_MODEL) travel in the options
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
     options.update(transformer_options or {})
     options.setdefault("sigmas", inputs["t"])
     options.setdefault("cond_or_uncond", [0] * 1 if inputs["x"].shape[0] == 1 else [1, 0])
@@ -140,7 +144,11 @@ def sd3_inputs(tiny: TinySD3, batch: int = 2, height: int = 8, width: int = 8, t
 
 def run_sd3(patcher, inputs: dict, transformer_options: dict | None = None) -> torch.Tensor:
     """One denoiser call as ComfyUI's sampler makes it (sigmas, cond_or_uncond), through the patcher's wrappers."""
+    import comfy.patcher_extension
+
     options = dict(patcher.model_options.get("transformer_options", {}))
+    # as CFGGuider.outer_sample does: the patcher's wrappers (e.g. DIFFUSION_MODEL) travel in the options
+    options["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)
     options.update(transformer_options or {})
     options.setdefault("sigmas", inputs["t"])
     options.setdefault("cond_or_uncond", [0] if inputs["x"].shape[0] == 1 else [1, 0])

@@ -49,7 +49,7 @@ def apply(model, adapter, clip_vision=None, **overrides):
 
     kind = adapter.info.kind
     clip_vision = clip_vision or StubClipVision(EMBED, siglip=kind == "InstantX")
-    inputs = dict(model=model, ipadapter=adapter, clip_vision=clip_vision, image=torch.rand(1, 32, 32, 3),
+    inputs = dict(model=model, ipadapter=adapter, clip_vision=clip_vision, image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0)),
                   weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0, combine_embeds="concat",
                   embeds_scaling="V only")
     inputs.update(overrides)
@@ -188,3 +188,63 @@ def test_loader_recognises_both_layouts_by_keys(tmp_path, pack):
     assert isinstance(xlabs, FluxIPAdapterModel) and isinstance(instantx, FluxIPAdapterModel)
     assert (xlabs.info.kind, xlabs.info.tokens, xlabs.info.blocks, xlabs.info.embed_dim) == (XLABS, 16, 2, EMBED)
     assert (instantx.info.kind, instantx.info.tokens, instantx.info.blocks) == (INSTANTX, 8, 3)
+
+
+def test_masks_follow_the_token_grid(flux, adapters):
+    inputs = flux_inputs(flux, height=8, width=12)
+    plain = run_flux(flux.patcher, inputs)
+    unmasked = run_flux(apply(flux.patcher, adapters["xlabs"]), inputs)
+    zero = run_flux(apply(flux.patcher, adapters["xlabs"], attn_mask=torch.zeros(1, 30, 40)), inputs)
+    half = torch.zeros(1, 30, 40)
+    half[:, :, :20] = 1.0  # the left half of a 4:3 mask: the left half of the 4x6 token grid
+    left = run_flux(apply(flux.patcher, adapters["xlabs"], attn_mask=half), inputs)
+    assert torch.equal(zero, plain)
+    assert not torch.equal(left, plain) and not torch.equal(left, unmasked)
+
+
+def test_attention_op_is_honoured_and_reported(flux, adapters):
+    from xformers_ipadapter.processors import planner
+    from xformers_ipadapter.processors.backends import AttentionOpConfig
+
+    inputs = flux_inputs(flux)
+    planner.begin_run()
+    math_op = run_flux(apply(flux.patcher, adapters["instantx"], attention_op=AttentionOpConfig(op="sdpa:math")),
+                       inputs)
+    assert any("attention op 'sdpa:math': ran sdpa:math" in line for line in planner.run_reports())
+    auto = run_flux(apply(flux.patcher, adapters["instantx"]), inputs)
+    assert torch.allclose(math_op, auto, rtol=1e-4, atol=1e-5)
+
+
+def test_apply_embeds_equals_apply_on_the_same_features(flux, adapters):
+    from xformers_ipadapter.nodes.flux import apply_flux_embeds
+    from xformers_ipadapter.processors.ipadapter.embeds import AdapterEmbeds
+
+    inputs = flux_inputs(flux)
+    image = torch.rand(1, 32, 32, 3)
+    clip_vision = StubClipVision(EMBED)
+    from_image = run_flux(apply(flux.patcher, adapters["xlabs"], clip_vision=clip_vision, image=image), inputs)
+    embeds = AdapterEmbeds(clip_vision.encode_image(image)["image_embeds"], "image_embeds")
+    from_embeds = run_flux(apply_flux_embeds(model=flux.patcher, ipadapter=adapters["xlabs"], pos_embeds=embeds,
+                                             weight=1.0, weight_type="linear", start_at=0.0, end_at=1.0,
+                                             embeds_scaling="V only"), inputs)
+    assert torch.equal(from_embeds, from_image)
+
+
+def test_adapter_weights_follow_model_management_and_caches_are_released(flux, adapters):
+    patched = apply(flux.patcher, adapters["instantx"])
+    inputs = flux_inputs(flux)
+    run_flux(patched, inputs)
+    handle = adapters["instantx"].host_handle
+    assert handle is not None and handle.model is adapters["instantx"]
+    assert handle in patched.model_patches_models()
+    from xformers_ipadapter.nodes.dit_patch import dit_applications_in, release_dit_caches
+
+    application = dit_applications_in(patched)[0]
+    assert len(application._kv) == 2  # one K/V entry per block, computed once
+    run_flux(patched, inputs)
+    assert len(application._kv) == 2
+    patched.model_patches_to(torch.device("meta"))  # a move elsewhere drops what is cached on the CPU
+    assert len(application._kv) == 0
+    run_flux(patched, inputs)
+    release_dit_caches(patched)
+    assert len(application._kv) == 0 and len(application._rows) == 0

@@ -118,12 +118,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--budget", type=float, default=8.0, help="seconds of timing per section")
+    parser.add_argument("--stem", default="dit_step_cpu", help="results/<stem>.md and .json")
     args = parser.parse_args()
     setup_threads("cpu", None)
     bootstrap_comfy("cpu")
     attention, attention_data = attention_section(args.tokens, args.budget)
     step, step_data = step_section(args.budget)
-    path = write_results("dit_step_cpu", "Flux IP-Adapters: image attention vs diffusers, per-step overhead",
+    path = write_results(args.stem, "Flux IP-Adapters: image attention vs diffusers, per-step overhead",
                          environment("cpu"),
                          [("Image attention per block call (Flux.1 width 3072, 24 x 128)", attention),
                           ("Per model call on the tiny Flux (1 double + 1 single block)", step)],

@@ -184,3 +184,61 @@ def test_model_mismatches_name_both_sides(comfy, pack, adapter):
         apply(tiny_flux().patcher, adapter)
     with pytest.raises(IPAdapterMismatchError, match="128 wide .* 2 joint blocks.*this model is 192 wide .* 3 joint"):
         apply(tiny_sd3(depth=3).patcher, adapter)
+
+
+def test_whole_model_equals_diffusers(comfy, pack):
+    """ComfyUI's MMDiT with our patches == diffusers' SD3Transformer2DModel with the InstantX adapter loaded by
+    diffusers' own loader, on identical weights (ComfyUI's own diffusers -> MMDiT key map, comfy.utils); the
+    adapter's scale 0.5 on their side, weight 0.5 on ours. fp32, <= 1e-5 relative."""
+    from harness.testing import require
+
+    require("diffusers.models.transformers.transformer_sd3")
+    import comfy.utils
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+    state = instantx_sd3_state_dict(shape_with(hidden=128, head_dim=64, blocks=2, encoder_width=48, tokens=8), seed=3)
+    torch.manual_seed(0)
+    theirs = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+                                   num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=128,
+                                   pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8,
+                                   qk_norm="rms_norm").eval()
+    norms = ("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            parameter.copy_(1 + 0.3 * torch.randn_like(parameter) if name.endswith(norms) else
+                            0.1 * torch.randn_like(parameter))
+    theirs._load_ip_adapter_weights(nested(state), low_cpu_mem_usage=False)
+    ours = tiny_sd3()
+    model = ours.patcher.model.diffusion_model
+    target, mapped = model.state_dict(), set()
+    with torch.no_grad():
+        for their_key, our_key in comfy.utils.mmdit_to_diffusers(ours.config).items():
+            if their_key not in theirs.state_dict():
+                continue
+            weight = theirs.state_dict()[their_key]
+            if isinstance(our_key, str):
+                target[our_key].copy_(weight)
+            elif our_key[1] is None:  # (key, None, conversion)
+                target[our_key[0]].copy_(our_key[2](weight))
+            else:  # (fused qkv key, (dim, offset, size))
+                target[our_key[0]].narrow(*our_key[1]).copy_(weight)
+            mapped.add(our_key if isinstance(our_key, str) else our_key[0])
+    assert mapped == set(target)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 5, 48, generator=g)
+    pooled, features = torch.randn(2, 32, generator=g), torch.randn(1, 10, 48, generator=g)
+    timestep = torch.full((2,), 500.0)
+    AdapterEmbeds = hh.pack_module("processors.ipadapter.embeds").AdapterEmbeds
+    adapter = hh.pack_module("processors.families.sd3").read_sd3_adapter(state, "instantx.safetensors")
+    patched = hh.pack_module("nodes.sd3").apply_sd3_embeds(
+        ours.patcher, adapter, AdapterEmbeds(features, "penultimate_hidden_states", "test"), 0.5, "linear", 0.0, 1.0,
+        "V only")
+    options = {**patched.model_options["transformer_options"], "sigmas": timestep / 1000, "cond_or_uncond": [0, 0]}
+    with torch.no_grad():
+        expected = theirs(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                          timestep=timestep,
+                          joint_attention_kwargs={"ip_adapter_image_embeds": features.expand(2, -1, -1)}).sample
+        got = model(x, timestep, context=context, y=pooled, transformer_options=options)
+        plain = model(x, timestep, context=context, y=pooled, transformer_options={})
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert float((plain - expected).abs().max() / expected.abs().max()) > 1e-2  # the adapter is what matched

@@ -9,15 +9,21 @@ never derived from the pack's modules, so strict loading is a real check.
   perceiver, LoRA keys), "portrait" (MLP, 16 tokens), "portrait-unnorm" (Resampler fed by 512-d embeddings).
 - ``faceid_lora_layout(unet_config, rank)``: the LoRA file for a UNet config, its module names from ComfyUI's
   own diffusers name map (``comfy.utils.unet_to_diffusers``), so ComfyUI's LoRA loader maps every key.
-- ``generate_faceid(root)``: tiny files for the tiny SD1.5 UNet (tiny_models.py) in ``ipadapter/`` and ``loras/``.
+- ``faceid_plan`` / ``generate_faceid(root)``: tiny files for the tiny SD1.5 UNet (tiny_models.py) in ``ipadapter/``
+  and ``loras/``; ``write_face_models(root)`` the tiny InsightFace pack (tiny_onnx.py). tiny_models.generate
+  writes all of them, so the test servers' model folders hold what the FaceID example needs.
 """
 from __future__ import annotations
 
+import logging
 import re
+from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import tiny_models as tm
+
+log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
 FACE_DIM = 512
@@ -142,16 +148,36 @@ def tiny_adapter_layout(kind: str, clip_hidden: int) -> tm.Layout:
     return tiny_layout(faceid_adapter_layout(kind, **proj))
 
 
+def faceid_plan(clip_hidden: int) -> dict[str, tuple[str, Callable[[], tm.Layout]]]:
+    """tiny_models.generate's plan entries: the tiny FaceID adapters (Plus sized for a CLIP vision of
+    `clip_hidden` width) in ipadapter/ and the FaceID LoRA of the tiny UNet in loras/."""
+    plan = {f"faceid_{kind}": (f"ipadapter/{name}", partial(tiny_adapter_layout, kind, clip_hidden))
+            for kind, name in TINY_FACEID_FILES.items()}
+    plan["faceid_lora"] = ("loras/ip-adapter-faceid_tiny_sd15_lora.safetensors", faceid_lora_layout)
+    return plan
+
+
+def write_face_models(root: Path | str) -> Optional[Path]:
+    """The tiny buffalo_l pack in <root>/insightface/models/ when missing (needs the `onnx` package: without it
+    nothing is written and None returned, so a machine without the test tools still gets the other models)."""
+    folder = Path(root) / "insightface" / "models" / "buffalo_l"
+    if folder.is_dir():
+        return folder
+    try:
+        from . import tiny_onnx
+    except ImportError as error:
+        log.warning("tiny face analysis models not written (%s): FaceID examples need them", error)
+        return None
+    return tiny_onnx.write_model_pack(root, "buffalo_l")
+
+
 def generate_faceid(root: Path | str | None = None, clip_hidden: int = tm.CLIP_VISION["vit-l"]["hidden"],
                     force: bool = False) -> dict[str, Path]:
-    """Write the tiny FaceID adapters (ipadapter/) and the FaceID LoRA (loras/) when missing; their paths."""
+    """Write the tiny FaceID adapters (ipadapter/) and the FaceID LoRA (loras/) when missing; their paths by
+    kind ("faceid", "plus", "portrait", "portrait-unnorm", "lora")."""
     root = Path(root) if root is not None else tm.DEFAULT_CACHE
     files: dict[str, Path] = {}
-    timings: dict[str, float] = {}
-    for kind, name in TINY_FACEID_FILES.items():
-        rel = f"ipadapter/{name}"
-        files[kind] = tm._write(root / rel, lambda: tm.fill(tiny_adapter_layout(kind, clip_hidden), tm._seed(rel)),
-                                timings, force=force)
-    rel = "loras/ip-adapter-faceid_tiny_sd15_lora.safetensors"
-    files["lora"] = tm._write(root / rel, lambda: tm.fill(faceid_lora_layout(), tm._seed(rel)), timings, force=force)
+    for key, (rel, layout_fn) in faceid_plan(clip_hidden).items():
+        files[key.removeprefix("faceid_")] = tm._write(root / rel, lambda: tm.fill(layout_fn(), tm._seed(rel)), {},
+                                                       force=force)
     return files

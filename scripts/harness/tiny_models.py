@@ -17,6 +17,8 @@ Layouts:
 - ``ipadapter/tiny_sd15_base.safetensors`` (ImageProjModel, 4 tokens) and
   ``ipadapter/tiny_sd15_plus.safetensors`` (Resampler, 16 tokens) for the tiny UNet, sized for the
   generated CLIP vision model.
+- FaceID adapters (``ipadapter/ip-adapter-faceid*_tiny_sd15.safetensors``), their LoRA (``loras/``) and the
+  tiny InsightFace pack (``insightface/models/buffalo_l``): tiny_faceid.py.
 """
 from __future__ import annotations
 
@@ -306,12 +308,17 @@ def generate(root: Path | str | None = None, clip_vision: str = "vit-h", force: 
         "ipadapter_plus": (f"ipadapter/tiny_sd15_plus{suffix}.safetensors",
                            lambda: ipadapter_plus_layout(models.clip_hidden_dim)),
     }
+    from .tiny_faceid import faceid_plan, write_face_models  # FaceID adapters, their LoRA and face models
+
+    plan.update(faceid_plan(models.clip_hidden_dim))
     wanted = set(plan) if only is None else set(only)
     for key, (rel, layout_fn) in plan.items():
         path = root / rel
         models.files[key] = path
         if key in wanted:
             _write(path, lambda: fill(layout_fn(), _seed(rel)), models.timings, force=force)
+    if only is None:
+        write_face_models(root)
     return models
 
 
@@ -319,7 +326,8 @@ def write_extra_model_paths(yaml_path: Path | str, models_dir: Path | str, custo
     """extra_model_paths.yaml pointing ComfyUI's model folders at `models_dir` and loading the custom nodes
     found in `custom_nodes_dir`."""
     models_dir, custom_nodes_dir = Path(models_dir).resolve(), Path(custom_nodes_dir).resolve()
-    folders = ("checkpoints", "diffusion_models", "text_encoders", "clip_vision", "vae", "vae_approx", "ipadapter")
+    folders = ("checkpoints", "diffusion_models", "text_encoders", "clip_vision", "vae", "vae_approx", "ipadapter",
+               "loras", "insightface")
     # JSON strings are valid YAML scalars, so any path is quoted safely.
     lines = ["xformers_ipadapter_tests:", f"    base_path: {json.dumps(str(models_dir))}"]
     lines += [f"    {folder}: {json.dumps(folder)}" for folder in folders]

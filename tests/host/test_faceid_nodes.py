@@ -257,3 +257,16 @@ def test_schema_tooltips_help_page_and_registration(pack, module, node_id):
     assert all(f"`{i.id}`" in text for i in schema.inputs)
     extension = hh.pack_module("nodes.extension").XformersIPAdapterExtension()
     assert node in asyncio.run(extension.get_node_list())
+
+
+def test_the_tiny_model_setup_holds_what_the_faceid_example_needs(pack, tiny_models):
+    identify = hh.pack_module("processors.ipadapter.identify")
+    identifier = identify.FileIdentifier()
+    variants = {identifier.identify(tiny_models.files[f"faceid_{kind}"], identify.ADAPTER).info.variant
+                for kind in tf.TINY_FACEID_FILES}
+    assert variants == {"faceid", "faceid-plus", "faceid-portrait", "faceid-portrait-unnorm"}
+    lora = identifier.identify(tiny_models.files["faceid_lora"], identify.FACEID_LORA)
+    plus = identifier.identify(tiny_models.files["faceid_plus"], identify.ADAPTER).info
+    assert lora.info.fits(plus) and plus.clip_width == tiny_models.clip_hidden_dim
+    assert sorted(p.name for p in (tiny_models.root / "insightface" / "models" / "buffalo_l").iterdir()) == \
+        ["det_10g.onnx", "w600k_r50.onnx"]

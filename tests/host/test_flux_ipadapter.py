@@ -248,3 +248,18 @@ def test_adapter_weights_follow_model_management_and_caches_are_released(flux, a
     run_flux(patched, inputs)
     release_dit_caches(patched)
     assert len(application._kv) == 0 and len(application._rows) == 0
+
+
+def test_apply_node_routes_flux_adapters_and_equals_the_handler(flux, adapters, pack):
+    from xformers_ipadapter.nodes.apply import ApplyXformersIPAdapterAttention
+
+    inputs = flux_inputs(flux)
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    node_model = ApplyXformersIPAdapterAttention.execute(
+        flux.patcher, adapters["xlabs"], StubClipVision(EMBED), image, 0.9, "ease in", 0.0, 1.0, "concat",
+        "V only").result[0]
+    handler_model = apply(flux.patcher, adapters["xlabs"], image=image, weight=0.9, weight_type="ease in")
+    assert torch.equal(run_flux(node_model, inputs), run_flux(handler_model, inputs))
+    with pytest.raises(ValueError, match="enhance_tiles must be 1"):
+        ApplyXformersIPAdapterAttention.execute(flux.patcher, adapters["xlabs"], StubClipVision(EMBED), image, 0.9,
+                                                "linear", 0.0, 1.0, "concat", "V only", enhance_tiles=2)

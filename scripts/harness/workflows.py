@@ -20,7 +20,7 @@ EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 API_DIR = EXAMPLES_DIR / "api"
 
 WORKFLOWS = ("sd15_image_prompt", "sdxl_style_transfer", "two_adapters_regional_masks", "patch_model_attention",
-             "unified_loader_chain", "embeds_round_trip", "style_composition", "regional_conditioning",
+             "unified_loader_chain", "embeds_round_trip", "style_composition", "animation_batch", "regional_conditioning",
              "tiled_reference", "flux_xlabs", "faceid")
 BASIC = "sd15_image_prompt"
 # Examples the e2e test checks (UI <-> API twin, templates, real file names) but does not sample, and why.

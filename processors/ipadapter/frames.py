@@ -18,10 +18,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..tensor_cache import TensorCache
 from .errors import IPAdapterInputError
 from .kv_cache import AdapterKVCache, site_kv
 from .tokens import ImageTokens
 from .weights import IPAdapterModel
+
+
+# Frame-index tensors, shared by every site: one per distinct window a run meets (a static schedule has a few,
+# a uniform one a few per step). They are tiny; keeping them means a call whose rows were evicted regathers on
+# the device without copying its indices from the host again.
+INDEX_ENTRIES = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +65,15 @@ class FrameKVCache(AdapterKVCache):
         super().__init__(model, tokens, site_weights, embeds_scaling)
         self.images = tokens.num_images
         self.frame_count = max(self.images, len(self.frame_weights))
+        self.indices = TensorCache("frame indices", INDEX_ENTRIES)
+
+    def release(self) -> None:
+        super().release()
+        self.indices.clear()
+
+    def keep_device(self, device: torch.device) -> None:
+        super().keep_device(device)
+        self.indices.keep_device(device)
 
     def _compute(self, i: int, device: torch.device, dtype: torch.dtype) -> FrameKVEntry:
         per_image = self.tokens.tokens_per_image
@@ -82,7 +98,8 @@ class FrameKVCache(AdapterKVCache):
         if swap and not any(negative):
             return None  # precise modes: only the negative rows get the image
         entry = self.get(site_index, device, dtype)
-        index = torch.tensor(list(frames), device=device, dtype=torch.long)
+        frames = tuple(frames)
+        index = self.indices.get((device, frames), lambda: torch.tensor(frames, device=device, dtype=torch.long))
         return gather_rows(entry, index, negative, swap)
 
 

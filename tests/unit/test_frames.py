@@ -132,3 +132,17 @@ def test_all_zero_frames_add_nothing_and_bad_weights_are_named():
     for bad, match in (([], "empty"), ([1.0, float("nan")], "finite"), ([1.0, "x"], "finite"), ([True], "finite")):
         with pytest.raises(IPAdapterInputError, match=match):
             check_frame_weights(bad)
+
+
+def test_frame_indices_reach_the_device_once_per_window_and_go_with_the_run():
+    _, _, cache = setup(4, (1.0, 0.5))
+    cpu = torch.device("cpu")
+    for _step in range(3):
+        for site in range(len(SITE_FACTORS)):
+            for window in ((0, 1, 2), (1, 2, 3)):
+                cache.frame_rows(site, cpu, torch.float32, (False, True), window)
+    assert len(cache.indices) == 2  # one index tensor per window, shared by every site and step
+    first = cache.indices.get((cpu, (0, 1, 2)), lambda: None)
+    assert first.tolist() == [0, 1, 2] and first.dtype == torch.long
+    cache.release()
+    assert len(cache.indices) == 0 and len(cache.store) == 0

@@ -89,7 +89,7 @@ class ApplyXformersIPAdapterBatch(ValidatesCombos, io.ComfyNode):
 
 
 def frame_weight_list(weight: Any) -> tuple[float, ...]:
-    """`weight` as a tuple of per-frame weights: a number, or the list a FLOAT socket carries from the
+    """`weight` as a tuple of per-frame weights: a number, or the list a FLOAT link carries from the
     Weights node."""
     if isinstance(weight, (list, tuple)):
         return check_frame_weights(weight)

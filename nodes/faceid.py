@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..processors.face import STANDARD_DET_SIZES, FaceAnalysis
 from ..processors.ipadapter import check_image_batch, validate_clip_output
-from ..processors.ipadapter.faceid import NORMED
+from ..processors.ipadapter.faceid import NORMED, USE_FACEID_NODE
 from ..processors.ipadapter.faceid_adapter import FaceIDAdapterModel, faceid_tokens
 from .apply import (apply_tokens, attention_op_input, attn_mask_input, combine_input, embeds_scaling_input,
                     model_input, model_output, prepare_target, weight_input, weight_type_input, window_inputs)
@@ -25,9 +25,6 @@ from .types import CATEGORY, XformersFaceAnalysis, XformersIPAdapter
 from .validation import ValidatesCombos
 
 logger = logging.getLogger(__name__)
-
-# What the plain Apply / Apply Embeds say when they get a FaceID adapter (nodes/families.py).
-USE_FACEID_NODE = ("this is a FaceID adapter: use Apply xformers IP-Adapter FaceID (with a Face Analysis Loader)")
 
 
 class ApplyXformersIPAdapterFaceID(ValidatesCombos, io.ComfyNode):

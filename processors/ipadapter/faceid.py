@@ -41,6 +41,8 @@ NORMED, UNNORMED = "normed_embedding", "embedding"
 FACE_CROP_SIZE = {"SD1.5": 224, "SDXL": 256}
 # A CLIP vision is not needed: FaceIDInfo.clip_output for the variants fed with the face embedding alone.
 NO_CLIP = "none"
+# What every path for CLIP-fed adapters says when it is given a FaceID adapter.
+USE_FACEID_NODE = "this is a FaceID adapter: use Apply xformers IP-Adapter FaceID (with a Face Analysis Loader)"
 
 _LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 VARIANT_NAMES = {"faceid": "FaceID", "faceid-plus": "FaceID Plus", "faceid-portrait": "FaceID Portrait",

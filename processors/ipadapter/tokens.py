@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import IPAdapterInputError
+from .errors import IPAdapterInputError, IPAdapterMismatchError
+from .faceid import USE_FACEID_NODE
 from .validation import check_finite, check_image_batch, validate_clip_output
 from .weights import IPAdapterModel
 
@@ -90,6 +91,8 @@ def _negative_embeds(model: IPAdapterModel, encode: Encoder, image: torch.Tensor
 @torch.no_grad()
 def project(model: IPAdapterModel, embeds: torch.Tensor) -> torch.Tensor:
     """Project CLIP features with the adapter's projection model in float32 -> [n, T, C]."""
+    if model.info.variant.startswith("faceid"):  # FaceID projections take face embeddings (faceid_adapter.py)
+        raise IPAdapterMismatchError(USE_FACEID_NODE)
     param = next(model.image_proj.parameters())
     tokens = model.image_proj(embeds.to(device=param.device, dtype=torch.float32))
     check_finite(tokens, "the projected image tokens")

@@ -9,6 +9,7 @@ import torch
 
 from .detection import AdapterInfo, base_model_name, clip_encoder_name
 from .errors import IPAdapterInputError, IPAdapterMismatchError
+from .faceid import NO_CLIP, USE_FACEID_NODE
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 def validate_clip_output(info: AdapterInfo, clip_output: Any) -> torch.Tensor:
     """Return the CLIP tensor this adapter consumes, after checking kind, width and values."""
     kind = info.clip_output
+    if kind == NO_CLIP:  # FaceID / Portrait: fed by face embeddings alone
+        raise IPAdapterMismatchError(USE_FACEID_NODE)
     feats = _clip_field(clip_output, kind)
     if not isinstance(feats, torch.Tensor):
         raise IPAdapterMismatchError(f"this IP-Adapter needs the CLIP vision output '{kind}', which the "

@@ -284,3 +284,19 @@ def test_plus_negative_rows_follow_combine():
 def test_wrong_face_embedding_width_is_refused():
     with pytest.raises(ValueError, match=r"expects \[faces, 512\]"):
         faceid_tokens(adapter("faceid"), torch.randn(1, 256))
+
+
+@pytest.mark.parametrize("kind", ["faceid", "plus", "portrait-unnorm"])
+def test_the_clip_image_paths_refuse_faceid_adapters(kind):
+    """Encoder, Style & Composition, Batch, Tiled... project CLIP features: a FaceID adapter there says which
+    node to use instead of failing inside its projection."""
+    from processors.ipadapter import image_tokens
+
+    model = adapter(kind, **({"clip_hidden": CLIP, "depth": 1, "inner": 64, "ff_mult": 1} if kind == "plus" else {}))
+
+    def encode(pixels):
+        return {"image_embeds": torch.randn(pixels.shape[0], 1024),
+                "penultimate_hidden_states": torch.randn(pixels.shape[0], 257, CLIP)}
+
+    with pytest.raises(ValueError, match=r"^this is a FaceID adapter: use Apply xformers IP-Adapter FaceID"):
+        image_tokens(model, encode, torch.rand(1, 32, 32, 3))

@@ -5,7 +5,7 @@ and the per-step overhead on the tiny SD3 model through the real ComfyUI path.
    SD3.5 Large's config; 333 text tokens; 64 adapter tokens; identical weights):
      plain      diffusers' JointAttnProcessor2_0 (no adapter)
      diffusers  SD3IPAdapterJointAttnProcessor2_0 (norm_ip + to_k/v_ip + the image attention, all per call)
-     ours       the host's joint attention as ComfyUI computes it, plus the adapter as the pack runs it
+     ours       the plain call, plus the adapter as the pack runs it on the q, k, v the host hands it
                 (processors/families/sd3.py: block_image_kv + joint_image_attention on the planner)
    ours/diffusers per round (median and 95 % interval), and the adapter's own cost (call minus plain) both ways.
    CPU default: 1024 image tokens (a 512x512 image), batch 1, fp32, one thread: SD3.5's 4096 tokens (1024x1024)
@@ -30,20 +30,23 @@ LARGE = dict(heads=38, head_dim=64, text=333, ip_tokens=64, temb=1280)
 
 
 def attention_variants(tokens: int, batch: int, device: str, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
-    from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+    """plain / diffusers / ours on one joint attention. ComfyUI hands our patch the block's q, k (through the
+    block's RMSNorm) and v, which its joint attention computes anyway, so "ours" is the plain call plus the
+    adapter's work on those tensors: its K/V (norm_ip, to_k_ip, to_v_ip, RMSNorm) and the image attention, added
+    to the image part of an output buffer. Correctness of the same code path: tests/unit/test_sd3_parity.py."""
     from diffusers.models.attention import JointTransformerBlock
-    from harness.sd3_models import HostLikeProcessor
-    from processors.families.sd3 import JointBranch, SD3BlockAdapter, block_image_kv
+    from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
+    from processors.families.sd3 import JointBranch, SD3BlockAdapter, block_image_kv, joint_image_attention
     from processors.planner import Planner
 
-    width = LARGE["heads"] * LARGE["head_dim"]
+    heads, head_dim = LARGE["heads"], LARGE["head_dim"]
+    width = heads * head_dim
     torch.manual_seed(0)
-    block = JointTransformerBlock(dim=width, num_attention_heads=LARGE["heads"], attention_head_dim=LARGE["head_dim"],
+    block = JointTransformerBlock(dim=width, num_attention_heads=heads, attention_head_dim=head_dim,
                                   context_pre_only=False, qk_norm="rms_norm")
     attn = block.attn.to(device, dtype).eval()
-    theirs = SD3IPAdapterJointAttnProcessor2_0(width, width, LARGE["head_dim"], LARGE["temb"], scale=0.5)
-    theirs = theirs.to(device, dtype)
-    ours = SD3BlockAdapter(width, LARGE["temb"], LARGE["head_dim"])
+    theirs = SD3IPAdapterJointAttnProcessor2_0(width, width, head_dim, LARGE["temb"], scale=0.5).to(device, dtype)
+    ours = SD3BlockAdapter(width, LARGE["temb"], head_dim)
     ours.load_state_dict(theirs.state_dict())  # the per-block names are the same on both sides
     ours = ours.to(device, dtype)
     g = torch.Generator().manual_seed(1)
@@ -51,22 +54,31 @@ def attention_variants(tokens: int, batch: int, device: str, dtype: torch.dtype)
     text = torch.randn(batch, LARGE["text"], width, generator=g).to(device, dtype)
     ip_tokens = torch.randn(batch, LARGE["ip_tokens"], width, generator=g).to(device, dtype)
     temb = torch.randn(batch, LARGE["temb"], generator=g).to(device, dtype)
-
-    def branch(_attn) -> JointBranch:
-        k, v = block_image_kv(ours, ip_tokens, temb, LARGE["head_dim"])
-        return JointBranch(k, v, ours.norm_q.weight, ours.norm_k.weight, 0.5)
-
-    host_like = HostLikeProcessor(branch, Planner().attention)
+    with torch.no_grad():  # what the host's joint attention receives for the image stream
+        q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (heads, head_dim))).flatten(-2)
+        k = attn.norm_k(attn.to_k(hidden).unflatten(-1, (heads, head_dim))).flatten(-2)
+        v = attn.to_v(hidden).unflatten(-1, (heads, head_dim))  # ComfyUI passes v as [B, L, H, D]
+    output = torch.zeros_like(hidden)
+    attend = Planner().attention
     plain = JointAttnProcessor2_0()
 
-    def call(processor, **kwargs):
-        def run():
-            with torch.no_grad():
-                return processor(attn, hidden, text, **kwargs)
-        return run
+    def run_plain():
+        with torch.no_grad():
+            return plain(attn, hidden, text)
 
-    return {"plain": call(plain), "diffusers": call(theirs, ip_hidden_states=ip_tokens, temb=temb),
-            "ours": call(host_like)}
+    def run_theirs():
+        with torch.no_grad():
+            return theirs(attn, hidden, text, ip_hidden_states=ip_tokens, temb=temb)
+
+    def run_ours():
+        with torch.no_grad():
+            run_plain()
+            ip_k, ip_v = block_image_kv(ours, ip_tokens, temb, head_dim)
+            branch = JointBranch(ip_k, ip_v, ours.norm_q.weight, ours.norm_k.weight, 0.5)
+            output.add_(joint_image_attention(q, k, v, heads, [branch], attend, attn.norm_q.weight,
+                                              attn.norm_k.weight))
+
+    return {"plain": run_plain, "diffusers": run_theirs, "ours": run_ours}
 
 
 def tiny_step_variants() -> dict[str, Callable[[], object]]:

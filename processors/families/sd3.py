@@ -394,24 +394,31 @@ def joint_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     for branch in branches:
         ip_k = branch.k.to(q.dtype).unflatten(-1, (heads, head_dim)).expand(batch, -1, -1, -1)
         ip_v = branch.v.to(q.dtype).unflatten(-1, (heads, head_dim)).expand(batch, -1, -1, -1)
-        keys = _joint_keys(k4, ip_k, host_k_norm, branch.norm_k)
-        values = torch.cat([v4, ip_v], dim=1)
-        out = attend(renormalize(q4, host_q_norm, branch.norm_q), keys, values).reshape(batch, length, width)
+        keys = _joint(k4, ip_k, lambda part: renormalize(k4, host_k_norm, branch.norm_k, out=part))
+        values = _joint(v4, ip_v, lambda part: part.copy_(v4))
+        query = renormalize(q4, host_q_norm, branch.norm_q, out=_heads_first(q4, length))
+        out = attend(query, keys, values).reshape(batch, length, width)
         factor = _factor(branch, out)
         out = out.mul_(factor) if out.is_contiguous() else out * factor
         total = out if total is None else total.add_(out)
     return q.new_zeros(q.shape) if total is None else total
 
 
-def _joint_keys(k4: torch.Tensor, ip_k: torch.Tensor, host_weight: Optional[torch.Tensor],
-                own_weight: torch.Tensor) -> torch.Tensor:
-    """cat(adapter-normalised image keys, adapter keys) `[B, Li + Nip, H, D]`, the renormalisation written
-    straight into the joint buffer (one pass over the image keys, not a product and then a copy)."""
-    batch, length = k4.shape[0], k4.shape[1]
-    keys = k4.new_empty(batch, length + ip_k.shape[1], k4.shape[2], k4.shape[3])
-    renormalize(k4, host_weight, own_weight, out=keys[:, :length])
-    keys[:, length:] = ip_k
-    return keys
+def _heads_first(like: torch.Tensor, length: int) -> torch.Tensor:
+    """An empty `[B, length, H, D]` view of `[B, H, length, D]` storage: the layout the attention kernels read
+    fastest (SDPA's own; measured on CPU, benchmarks/README.md "SD3.5"), still a BMHK view for the planner."""
+    batch, _, heads, head_dim = like.shape
+    return like.new_empty(batch, heads, length, head_dim).transpose(1, 2)
+
+
+def _joint(image: torch.Tensor, adapter: torch.Tensor, fill_image: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """cat(image part, adapter part) along the tokens `[B, Li + Nip, H, D]`, the image part written straight into
+    the joint buffer by `fill_image` (one pass over the image keys/values, not a product and then a copy)."""
+    length = image.shape[1]
+    joint = _heads_first(image, length + adapter.shape[1])
+    fill_image(joint[:, :length])
+    joint[:, length:] = adapter
+    return joint
 
 
 def _factor(branch: JointBranch, like: torch.Tensor) -> Union[float, torch.Tensor]:

@@ -283,8 +283,14 @@ def read_faceid(tensors: Mapping[str, Any], name: str) -> Optional[Any]:
 
 # --- the FaceID LoRA files (ComfyUI's `loras` folder) -------------------------------------------------------------
 
-# Kohya naming of a diffusers UNet attention projection: lora_unet_<block path>_attn{1,2}_to_{q,k,v,out_0}.
-_LORA_FILE_KEY = re.compile(r"^lora_unet_(\w+)_attn([12])_to_(q|k|v|out_0)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# A LoRA on one attention projection of the diffusers UNet, in the namings ComfyUI loads: kohya (the released
+# files: lora_unet_<block>_attn1_to_out_0.lora_down.weight), PEFT (unet.<block>.attn1.to_out.0.lora_A.weight) and
+# diffusers' older processor keys (unet.<block>.attn1.processor.to_out_lora.down.weight).
+_LORA_FILE_KEY = re.compile(
+    r"^(?:lora_unet_|unet\.)?(?P<block>[\w.]+?)[._]attn(?P<attn>[12])[._](?:processor\.)?to_(?P<proj>q|k|v|out)"
+    r"(?:[._]0)?(?:_lora)?\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|"
+    r"lora\.down\.weight|lora\.up\.weight|down\.weight|up\.weight|alpha)$")
+_LORA_DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "down.weight")
 
 
 @dataclass(frozen=True)
@@ -318,10 +324,10 @@ def faceid_lora_from_shapes(shapes: Mapping[str, tuple[Any, tuple[int, ...]]]) -
         if m is None:
             raise IPAdapterFileError(f"not a FaceID LoRA: it has {key!r} (a FaceID LoRA holds only the UNet's "
                                      "attention q/k/v/out projections)")
-        modules.add((m.group(1), m.group(2)))
-        if m.group(4) == "lora_down.weight":
+        modules.add((m["block"].replace(".", "_"), m["attn"]))
+        if m["part"] in _LORA_DOWN:
             ranks.add(shape[0])
-            if m.group(2) == "2" and m.group(3) == "k":
+            if m["attn"] == "2" and m["proj"] == "k":
                 contexts.add(shape[1])
     if len(ranks) != 1 or len(contexts) != 1:
         raise IPAdapterFileError(f"not a FaceID LoRA: ranks {sorted(ranks)}, cross-attention widths "

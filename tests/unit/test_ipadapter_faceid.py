@@ -300,3 +300,52 @@ def test_the_clip_image_paths_refuse_faceid_adapters(kind):
 
     with pytest.raises(ValueError, match=r"^this is a FaceID adapter: use Apply xformers IP-Adapter FaceID"):
         image_tokens(model, encode, torch.rand(1, 32, 32, 3))
+
+
+# --- FaceID LoRA files ----------------------------------------------------------------------------------------
+
+def lora_shapes(blocks: int, rank: int, inner: int = 320, cross: int = 768, naming: str = "kohya") -> dict:
+    """{key: (dtype, shape)} of an attention-only LoRA over `blocks` transformer blocks (attn1 + attn2)."""
+    shapes = {}
+    for b in range(blocks):
+        for attn, context in (("1", inner), ("2", cross)):
+            for proj, width in (("q", inner), ("k", context), ("v", context), ("out", inner)):
+                module = f"down_blocks.{b}.attentions.0.transformer_blocks.0.attn{attn}"
+                if naming == "kohya":
+                    name = "lora_unet_" + f"{module}.to_{proj}{'.0' if proj == 'out' else ''}".replace(".", "_")
+                    down, up = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+                    shapes[f"{name}.alpha"] = (torch.float16, ())
+                else:  # PEFT
+                    name = f"unet.{module}.to_{proj}{'.0' if proj == 'out' else ''}"
+                    down, up = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+                shapes[down], shapes[up] = (torch.float16, (rank, width)), (torch.float16, (inner, rank))
+    return shapes
+
+
+@pytest.mark.parametrize("naming", ["kohya", "peft"])
+def test_faceid_lora_files_are_read_from_their_shapes_and_matched_to_the_adapter(naming):
+    from processors.ipadapter.faceid import faceid_lora_from_shapes
+
+    lora = faceid_lora_from_shapes(lora_shapes(blocks=2, rank=8, naming=naming))
+    assert (lora.rank, lora.modules, lora.context_dim, lora.base_model) == (8, 4, 768, "SD1.5")
+    layout = tf.faceid_adapter_layout("faceid", cross=768, inner_dims=(320, 320), rank=8)
+    info = detect_adapter(normalize_layout(_lazy(layout)))
+    assert lora.fits(info)
+    other_rank = tf.faceid_adapter_layout("faceid", cross=768, inner_dims=(320, 320), rank=4)
+    assert not lora.fits(detect_adapter(normalize_layout(_lazy(other_rank))))
+    three_sites = tf.faceid_adapter_layout("faceid", cross=768, inner_dims=(320,) * 3, rank=8)
+    assert not lora.fits(detect_adapter(normalize_layout(_lazy(three_sites))))
+
+
+def test_other_loras_are_not_faceid_loras():
+    from processors.ipadapter.faceid import faceid_lora_from_shapes
+
+    style_lora = dict(lora_shapes(blocks=1, rank=8))
+    style_lora["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = (torch.float16, (8, 768))
+    with pytest.raises(IPAdapterFileError, match="not a FaceID LoRA: it has 'lora_te_text_model"):
+        faceid_lora_from_shapes(style_lora)
+    mixed = lora_shapes(blocks=2, rank=4)
+    mixed["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"] = \
+        (torch.float16, (8, 320))
+    with pytest.raises(IPAdapterFileError, match=r"ranks \[4, 8\]"):
+        faceid_lora_from_shapes(mixed)

@@ -162,3 +162,28 @@ def test_bad_weights_input_is_a_node_error(nodes, overrides, match):
                 add_starting_frames=0, add_ending_frames=0, method="full batch")
     with pytest.raises(Exception, match=match):
         nodes["weights"].execute(**{**args, **overrides})
+
+
+class Window:
+    def __init__(self, index_list):
+        self.index_list = index_list
+
+
+def test_frame_indices_come_from_the_host_window_else_positions(pack, caplog):
+    frame_indices = hh.pack_module("nodes.patch").frame_indices
+    notices: set = set()
+    with caplog.at_level(logging.WARNING):
+        assert frame_indices({"context_window": Window([5, 6, 7])}, 3, 8, notices) == (5, 6, 7)
+        assert frame_indices({"ad_params": {"sub_idxs": [2, 3]}}, 2, 8, notices) == (2, 3)
+        assert not caplog.records
+        # announced indices that do not fit the batch: positions, and the log says so once
+        for _ in range(3):
+            assert frame_indices({"context_window": Window([5, 6, 7])}, 2, 8, notices) == (0, 1)
+        # nothing announced, fewer latents than frames: positions, said once
+        for _ in range(3):
+            assert frame_indices({}, 4, 8, notices) == (0, 1, 2, 3)
+        assert frame_indices({}, 8, 8, notices) == tuple(range(8))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "announced 3 frame indices for a batch of 2" in messages[0]
+    assert "passed 4 latents without frame indices while the adapter has 8 frames" in messages[1]

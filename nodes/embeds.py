@@ -77,6 +77,12 @@ class XformersIPAdapterEncoder(ValidatesCombos, io.ComfyNode):
 
     @classmethod
     def execute(cls, ipadapter, clip_vision, image, weight: float, mask=None, image_negative=None) -> io.NodeOutput:
+        from .families import ENCODER_HANDLERS, family_handler
+
+        handler = family_handler(ENCODER_HANDLERS, ipadapter)
+        if handler is not None:  # another family's features (e.g. SD3.5: SigLIP hidden states): (pos, neg)
+            return io.NodeOutput(*handler(ipadapter=ipadapter, clip_vision=clip_vision, image=image, weight=weight,
+                                          mask=mask, image_negative=image_negative))
         ipadapter = _require_adapter(ipadapter)
         image = check_image_batch(image, "image")
         clip_input = mask_clip_input(image, mask) if mask is not None else image

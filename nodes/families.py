@@ -18,6 +18,8 @@ FamilyHandler = Callable[..., Any]
 APPLY_HANDLERS: dict[type, FamilyHandler] = {}
 # ApplyXformersIPAdapterEmbeds: adapter class -> handler(**the node's inputs) -> MODEL
 EMBEDS_HANDLERS: dict[type, FamilyHandler] = {}
+# XformersIPAdapterEncoder: adapter class -> handler(**the node's inputs) -> (pos_embeds, neg_embeds)
+ENCODER_HANDLERS: dict[type, FamilyHandler] = {}
 
 # FaceID adapters need faces: the plain nodes say which node to use (nodes/faceid.py).
 APPLY_HANDLERS[FaceIDAdapterModel] = EMBEDS_HANDLERS[FaceIDAdapterModel] = refuse_faceid_adapter
@@ -36,7 +38,8 @@ from .flux import FLUX_APPLY, FLUX_EMBEDS  # noqa: E402  (the handlers import th
 APPLY_HANDLERS.update(FLUX_APPLY)
 EMBEDS_HANDLERS.update(FLUX_EMBEDS)
 
-from .sd3 import SD3_APPLY, SD3_EMBEDS  # noqa: E402
+from .sd3 import SD3_APPLY, SD3_EMBEDS, SD3_ENCODER  # noqa: E402
 
 APPLY_HANDLERS.update(SD3_APPLY)
 EMBEDS_HANDLERS.update(SD3_EMBEDS)
+ENCODER_HANDLERS.update(SD3_ENCODER)

@@ -25,7 +25,7 @@ from ..processors.backends import AttentionOpConfig
 from ..processors.families.dit import dit_block_weights, latent_grid, mask_rows
 from ..processors.families.sd3 import (ENCODER_OUTPUT, JointBranch, SD3IPAdapter, StepTokens, block_image_kv,
                                        joint_image_attention, renorm_obstacle)
-from ..processors.ipadapter.embeds import AdapterEmbeds
+from ..processors.ipadapter.embeds import AdapterEmbeds, mask_clip_input, weighted
 from ..processors.ipadapter.errors import IPAdapterInputError, IPAdapterMismatchError
 from ..processors.ipadapter.tokens import check_combine, combine_embeddings
 from ..processors.ipadapter.validation import check_image_batch
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 SD3_EMBEDS_SCALING = ("V only",)
 ENCODER_HINT = "SigLIP so400m patch14-384 (siglip_vision_patch14_384.safetensors)"
 MODEL_HINT = "SD3.5 Large (sd3.5_large.safetensors)"
+SIGLIP_MEAN = (0.5, 0.5, 0.5)  # SigLIP's normalisation mean: what a masked-out pixel becomes
 MASK_LAYOUTS = 8  # (token grid, batch layout) pairs a run meets: one latent size, cond/uncond together or apart
 
 
@@ -250,8 +251,12 @@ def install_sd3(target: SD3Target, positive: torch.Tensor, negative: torch.Tenso
     return patched
 
 
-def _hidden_states(clip_vision, image: torch.Tensor, adapter: SD3IPAdapter, label: str) -> torch.Tensor:
-    output = clip_vision.encode_image(check_image_batch(image, label))
+def _hidden_states(clip_vision, image: torch.Tensor, adapter: SD3IPAdapter, label: str,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    image = check_image_batch(image, label)
+    if mask is not None:
+        image = mask_clip_input(image, mask, SIGLIP_MEAN)
+    output = clip_vision.encode_image(image)
     hidden = getattr(output, ENCODER_OUTPUT, None)
     if hidden is None or hidden.dim() != 3:
         raise IPAdapterMismatchError(f"clip_vision gives no {ENCODER_OUTPUT}; {adapter.name} needs {ENCODER_HINT}")
@@ -307,6 +312,20 @@ def apply_sd3_embeds(model, ipadapter, pos_embeds, weight, weight_type, start_at
     return install_sd3(target, positive, _matched_negative(negative, positive.shape[0]))
 
 
+def encode_sd3(ipadapter, clip_vision, image, weight, mask=None, image_negative=None, **_):
+    """IP-Adapter Encoder with an SD3.5 adapter (the handler in nodes/families.py): SigLIP penultimate hidden
+    states, positive times weight; negative: the negative image's, else zeros (diffusers' negative)."""
+    positive = _hidden_states(clip_vision, image, ipadapter, "image", mask)
+    if image_negative is None:
+        negative = torch.zeros_like(positive[:1])
+    else:
+        negative = _hidden_states(clip_vision, image_negative, ipadapter, "image_negative")
+    source = ipadapter.info.describe()
+    return (weighted(AdapterEmbeds(positive, ENCODER_OUTPUT, source), weight),
+            AdapterEmbeds(negative, ENCODER_OUTPUT, source))
+
+
 # nodes/families.py registers these: adapter class -> handler
 SD3_APPLY = {SD3IPAdapter: apply_sd3}
 SD3_EMBEDS = {SD3IPAdapter: apply_sd3_embeds}
+SD3_ENCODER = {SD3IPAdapter: encode_sd3}

@@ -242,3 +242,19 @@ def test_whole_model_equals_diffusers(comfy, pack):
         plain = model(x, timestep, context=context, y=pooled, transformer_options={})
     assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-5
     assert float((plain - expected).abs().max() / expected.abs().max()) > 1e-2  # the adapter is what matched
+
+
+def test_nodes_encoder_then_apply_embeds_samples_as_apply(sd3, adapter, clip_vision):
+    """The real nodes: Apply and Encoder -> Apply Embeds route an SD3.5 adapter to its handlers and sample alike."""
+    apply_node = hh.pack_module("nodes.apply").ApplyXformersIPAdapterAttention
+    embeds_nodes = hh.pack_module("nodes.embeds")
+    image = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    common = dict(weight=0.8, weight_type="ease in", start_at=0.0, end_at=1.0, embeds_scaling="V only")
+    direct = apply_node.execute(sd3.patcher, adapter, clip_vision, image, combine_embeds="concat", **common).result[0]
+    pos, neg = embeds_nodes.XformersIPAdapterEncoder.execute(adapter, clip_vision, image, weight=1.0).result
+    assert pos.clip_output == "penultimate_hidden_states" and pos.num_images == 2 and not neg.tensor.any()
+    via_embeds = embeds_nodes.ApplyXformersIPAdapterEmbeds.execute(sd3.patcher, adapter, pos, neg_embeds=neg,
+                                                                   **common).result[0]
+    inputs = sd3_inputs(sd3)
+    assert torch.equal(run_sd3(via_embeds, inputs), run_sd3(direct, inputs))
+    assert not torch.equal(run_sd3(direct, inputs), run_sd3(sd3.patcher, inputs))

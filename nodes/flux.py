@@ -18,7 +18,7 @@ import folder_paths
 import torch
 
 from ..processors.backends import AttentionOpConfig
-from ..processors.families.dit import DIT_WEIGHT_TYPES, dit_block_weights
+from ..processors.families.dit import DIT_WEIGHT_TYPES, match_count, sequence_weights
 from ..processors.families.flux import (INSTANTX, XLABS, FluxApplication, FluxGeometry, FluxIPAdapterModel,
                                         check_fits, encoder_error, tokens_for)
 from ..processors.families.siglip import HEAD_KEYS, HEAD_PREFIX, SiglipPoolingHead
@@ -26,7 +26,6 @@ from ..processors.ipadapter.errors import IPAdapterInputError, IPAdapterMismatch
 from ..processors.ipadapter.tokens import check_combine, combine_embeddings
 from ..processors.ipadapter.validation import check_image_batch
 from ..processors.masks import check_mask
-from ..processors.weight_types import parse_layer_weights
 from .apply import _sigma_window
 from .dit_patch import install_dit, record_latent_shape
 from .patch import processor_for
@@ -168,12 +167,7 @@ def _check_inputs(model, adapter: FluxIPAdapterModel, weight: float, start_at: f
 
 
 def _block_weights(weight_type: str, weight: float, total: int, layer_weights: str) -> tuple[float, ...]:
-    if not isinstance(layer_weights, str):
-        raise TypeError(f"layer_weights must be a string 'index:weight, ...'; got {type(layer_weights).__name__}")
-    overrides = parse_layer_weights(layer_weights, total)
-    if overrides is not None:
-        return tuple(overrides.get(t, 0.0) * weight for t in range(total))
-    return dit_block_weights(weight_type, weight, total, "Flux")
+    return sequence_weights(weight_type, weight, total, layer_weights, "Flux")
 
 
 def install_flux(model, adapter: FluxIPAdapterModel, geometry: FluxGeometry, positive: torch.Tensor,
@@ -233,10 +227,7 @@ def _embeds_tensor(adapter: FluxIPAdapterModel, embeds, label: str) -> torch.Ten
     return tensor.float()
 
 
-def _match_count(negative: torch.Tensor, count: int) -> torch.Tensor:
-    """Negative embeddings, as many as the positive ones (the last repeats, extra ones are dropped)."""
-    index = torch.arange(count).clamp(max=negative.shape[0] - 1)
-    return negative[index]
+_match_count = match_count  # shared with SD3.5 (processors/families/dit.py)
 
 
 FLUX_APPLY = {FluxIPAdapterModel: apply_flux}

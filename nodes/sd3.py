@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import comfy.model_management
-import comfy.model_patcher
 import torch
 
 from ..processors import planner
 from ..processors.backends import AttentionOpConfig
-from ..processors.families.dit import dit_block_weights, latent_grid, mask_rows
+from ..processors.families.dit import latent_grid, mask_rows, match_count, sequence_weights
 from ..processors.families.sd3 import (ENCODER_OUTPUT, JointBranch, SD3IPAdapter, StepTokens, block_image_kv,
                                        joint_image_attention, renorm_obstacle)
 from ..processors.ipadapter.embeds import AdapterEmbeds, mask_clip_input, weighted
@@ -32,9 +31,9 @@ from ..processors.ipadapter.validation import check_image_batch
 from ..processors.masks import check_mask
 from ..processors.step_window import active_in_window
 from ..processors.tensor_cache import TensorCache
-from ..processors.weight_types import parse_layer_weights
 from .apply import _sigma_window
 from .dit_patch import DOUBLE, BlockCall, DitBlock, install_dit, record_latent_shape
+from .flux import adapter_patcher
 from .patch import processor_for
 from .planning import compute_dtype, start_run_log
 
@@ -217,15 +216,9 @@ def prepare_sd3(model, ipadapter: SD3IPAdapter, weight: float, weight_type: str,
                                   f"keys are RMS-normalised); choose {', '.join(SD3_EMBEDS_SCALING)}")
     if attention_op is not None and not isinstance(attention_op, AttentionOpConfig):
         raise IPAdapterInputError("attention_op must come from Select Attention Op")
-    if not isinstance(layer_weights, str):
-        raise IPAdapterInputError(f"layer_weights must be a string 'index:weight, ...'; got "
-                                  f"{type(layer_weights).__name__}")
     norms = host_norms(model, ipadapter)
-    count = ipadapter.info.blocks
-    weights = dit_block_weights(weight_type, weight, count, "SD3.5")  # refuses the UNet-only types, listing the others
-    overrides = parse_layer_weights(layer_weights, count)
-    if overrides is not None:  # 'index:weight' over the joint blocks, times weight; blocks not listed get none
-        weights = tuple(overrides.get(i, 0.0) * weight for i in range(count))
+    # the curves over the joint blocks (the UNet-only types refused with the list), or layer_weights over them
+    weights = sequence_weights(weight_type, weight, ipadapter.info.blocks, layer_weights, "SD3.5")
     mask = check_mask(attn_mask) if attn_mask is not None else None
     if attention_op is not None:
         planner.check_model(attention_op, comfy.model_management.get_torch_device(), compute_dtype(model),
@@ -239,8 +232,7 @@ def install_sd3(target: SD3Target, positive: torch.Tensor, negative: torch.Tenso
     application = SD3Application(
         adapter=target.adapter, tokens=StepTokens(positive, negative), block_weights=target.weights,
         norms=target.norms, timestep=model.get_model_object("model_sampling").timestep,
-        weights_patcher=comfy.model_patcher.ModelPatcher(target.adapter, load_device=model.load_device,
-                                                         offload_device=model.offload_device),
+        weights_patcher=adapter_patcher(target.adapter),
         sigma_window=target.window, mask=target.mask, config=target.config)
     patched = install_dit(model, application)
     if target.mask is not None:
@@ -271,11 +263,6 @@ def _check_width(width: int, adapter: SD3IPAdapter, label: str) -> None:
             f"ones from {ENCODER_HINT}")
 
 
-def _matched_negative(negative: torch.Tensor, count: int) -> torch.Tensor:
-    """One negative per positive entry: trimmed, or the last repeated."""
-    return negative[torch.arange(count).clamp(max=negative.shape[0] - 1)]
-
-
 def apply_sd3(model, ipadapter, clip_vision, image, weight, weight_type, start_at, end_at, combine_embeds,
               embeds_scaling, attention_op=None, attn_mask=None, image_negative=None, layer_weights="", **_):
     """Apply xformers IP-Adapter Attention with an SD3.5 adapter (the handler in nodes/families.py)."""
@@ -288,7 +275,7 @@ def apply_sd3(model, ipadapter, clip_vision, image, weight, weight_type, start_a
     else:
         negative = combine_embeddings(_hidden_states(clip_vision, image_negative, ipadapter, "image_negative"),
                                       combine_embeds)
-    return install_sd3(target, positive, _matched_negative(negative, positive.shape[0]))
+    return install_sd3(target, positive, match_count(negative, positive.shape[0]))
 
 
 def _embeds_tensor(embeds, adapter: SD3IPAdapter, label: str) -> torch.Tensor:
@@ -309,7 +296,7 @@ def apply_sd3_embeds(model, ipadapter, pos_embeds, weight, weight_type, start_at
                          attn_mask, layer_weights)
     positive = _embeds_tensor(pos_embeds, ipadapter, "pos_embeds")
     negative = torch.zeros_like(positive) if neg_embeds is None else _embeds_tensor(neg_embeds, ipadapter, "neg_embeds")
-    return install_sd3(target, positive, _matched_negative(negative, positive.shape[0]))
+    return install_sd3(target, positive, match_count(negative, positive.shape[0]))
 
 
 def encode_sd3(ipadapter, clip_vision, image, weight, mask=None, image_negative=None, **_):

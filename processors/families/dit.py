@@ -14,7 +14,7 @@ import torch
 
 from ..ipadapter.errors import IPAdapterInputError
 from ..masks import mask_to_tokens
-from ..weight_types import block_weight
+from ..weight_types import block_weight, parse_layer_weights
 
 DOUBLE, SINGLE = "double_block", "single_block"
 # transformer_options key through which the latent-shape wrapper (nodes/dit_patch.py) passes the latent's shape:
@@ -53,6 +53,24 @@ def dit_block_weights(weight_type: str, weight: float, total: int, family: str) 
             f"weight_type {weight_type!r} has no meaning for {family} adapters (it names SD1.5/SDXL UNet blocks); "
             f"choose one of: {', '.join(DIT_WEIGHT_TYPES)}")
     return tuple(block_weight(weight_type, weight, t, total, "", False).weight for t in range(total))
+
+
+def sequence_weights(weight_type: str, weight: float, total: int, layer_weights: str,
+                     family: str) -> tuple[float, ...]:
+    """The weight at each block of the sequence: `layer_weights` ('index:weight, ...' over the sequence, times
+    weight; blocks not listed get none) when given, else the weight type's curve (`dit_block_weights`)."""
+    if not isinstance(layer_weights, str):
+        raise TypeError(f"layer_weights must be a string 'index:weight, ...'; got {type(layer_weights).__name__}")
+    overrides = parse_layer_weights(layer_weights, total)
+    if overrides is not None:
+        return tuple(overrides.get(t, 0.0) * weight for t in range(total))
+    return dit_block_weights(weight_type, weight, total, family)
+
+
+def match_count(negative: torch.Tensor, count: int) -> torch.Tensor:
+    """Negative embeddings, as many as the positive ones (the last repeats, extra ones are dropped)."""
+    index = torch.arange(count).clamp(max=negative.shape[0] - 1)
+    return negative[index]
 
 
 def latent_grid(options: dict, patch_size: int) -> Optional[tuple[int, int]]:

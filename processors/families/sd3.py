@@ -162,6 +162,7 @@ class SD3IPAdapter(nn.Module):
         self.image_proj = image_proj
         self.ip_adapter = nn.ModuleList(blocks)
         self.name = name
+        self.host_handle: Any = None  # the host's handle on these weights (ComfyUI: one ModelPatcher, nodes/)
 
     def describe(self) -> str:
         return f"{self.name}: {self.info.describe()}"

@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="image tokens (CPU default 1024, GPU 4096)")
     parser.add_argument("--batch", type=int, default=None, help="CPU default 1, GPU 2")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds of timing per section")
+    parser.add_argument("--stem", default=None, help="results file name (default sd3_step_cpu / sd3_step_gpu)")
+    parser.add_argument("--attention-only", action="store_true", help="skip the resampler and tiny-step sections")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     gpu = args.device.startswith("cuda")
@@ -154,12 +156,14 @@ def main() -> None:
               f"{medians['plain'] * 1e3:.1f}", f"{medians['diffusers'] * 1e3:.1f}", f"{medians['ours'] * 1e3:.1f}",
               ratio.text(".3f"), f"{cost:.3f}")
 
-    resampler = time_interleaved(resampler_variant(args.device, dtype, 2), args.device, args.budget / 4, min_repeats=9,
-                                 max_repeats=20)
-    table.add("resampler once per step, real size, 2 rows (cond + uncond)", "", "",
-              f"{resampler.median('resampler') * 1e3:.1f}", "", "")
+    resampler = None
+    if not args.attention_only:
+        resampler = time_interleaved(resampler_variant(args.device, dtype, 2), args.device, args.budget / 4,
+                                     min_repeats=9, max_repeats=20)
+        table.add("resampler once per step, real size, 2 rows (cond + uncond)", "", "",
+                  f"{resampler.median('resampler') * 1e3:.1f}", "", "")
 
-    steps = {} if gpu else time_interleaved(tiny_step_variants(), args.device, args.budget / 2, min_repeats=15)
+    steps = {} if gpu or args.attention_only else time_interleaved(tiny_step_variants(), args.device, args.budget / 2, min_repeats=15)
     step_table = Table(["model", "plain (ms/step)", "with adapter (ms/step)", "ratio [95 % CI]"])
     if steps:
         step_medians = steps.medians()
@@ -167,11 +171,11 @@ def main() -> None:
                        f"{step_medians['plain'] * 1e3:.2f}", f"{step_medians['ip-adapter'] * 1e3:.2f}",
                        steps.ratio("ip-adapter", "plain").text(".2f"))
     path = write_results(
-        f"sd3_step_{'gpu' if gpu else 'cpu'}", "SD3.5 InstantX IP-Adapter: joint attention and per-step cost",
+        args.stem or f"sd3_step_{'gpu' if gpu else 'cpu'}", "SD3.5 InstantX IP-Adapter: joint attention and per-step cost",
         environment(args.device),
         [("Joint attention at SD3.5 Large width vs diffusers' SD3IPAdapterJointAttnProcessor2_0", table.markdown()),
-         ("Per step on the tiny SD3 (ComfyUI's MMDiT)", step_table.markdown() if steps else "not run on GPU")],
-        {"attention": {k: v for k, v in attention.samples.items()}, "resampler": resampler.samples,
+         ("Per step on the tiny SD3 (ComfyUI's MMDiT)", step_table.markdown() if steps else "not run")],
+        {"attention": {k: v for k, v in attention.samples.items()}, "resampler": resampler.samples if resampler else {},
          "steps": {k: v for k, v in steps.samples.items()} if steps else {}})
     print(path.read_text())
 

@@ -207,7 +207,7 @@ def read_sd3_adapter(tensors: Mapping[str, Any], name: str) -> Optional[SD3IPAda
         blocks = [_block(nested["ip_adapter"], i, info) for i in range(info.blocks)]
     except (KeyError, RuntimeError, ValueError) as error:
         raise IPAdapterFileError(f"{name}: an SD3.5 InstantX IP-Adapter file, but {error}") from error
-    adapter = SD3IPAdapter(info, resampler, blocks, name=name).eval().requires_grad_(False)
+    adapter = SD3IPAdapter(info, resampler, blocks, name=name).train(False).requires_grad_(False)
     logger.debug("built %s", adapter.describe())
     return adapter
 

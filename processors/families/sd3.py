@@ -299,7 +299,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
 
 
-def resample(model: TimeResampler, features: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def resample(model: TimeResampler, features: torch.Tensor,
+             timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The resampler: `[N, L, E]` hidden states, `[N]` timesteps (0..1000) -> (tokens `[N, Q, C]`, temb `[N, T]`),
     in `features`' dtype."""
     emb = timestep_embedding(timesteps, model.timestep_in).to(features.dtype)
@@ -311,7 +312,8 @@ def resample(model: TimeResampler, features: torch.Tensor, timesteps: torch.Tens
     return _layer_norm(_linear(latents, model.proj_out), model.norm_out), temb
 
 
-def _resampler_layer(layer: _ResamplerLayer, x: torch.Tensor, latents: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+def _resampler_layer(layer: _ResamplerLayer, x: torch.Tensor, latents: torch.Tensor,
+                     temb: torch.Tensor) -> torch.Tensor:
     attn, ff, adaln = layer[0], layer[1], layer[2]
     shift_msa, scale_msa, shift_mlp, scale_mlp = _linear(F.silu(temb), adaln[1]).chunk(4, dim=1)
     features = _layer_norm(x, attn.norm1)
@@ -384,8 +386,10 @@ def joint_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
                           host_k_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over adapters of `scale * mask * attention(norm_q(q), cat(norm_k(k), ip_k), cat(v, ip_v))`.
 
-    q, k, v: the image stream's `[B, Li, C]` (v may be `[B, Li, H, D]`) as the host's attention receives them (through `host_*_norm` when
-    given). `attend` is the engine's plain attention (`Planner.attention`). Returns `[B, Li, C]` in q's dtype.
+    q, k, v: the image stream's `[B, Li, C]` (v may be `[B, Li, H, D]`) as the host's attention receives them
+    (q/k through `host_*_norm` when given). `attend` is the engine's plain attention (`Planner.attention`). A mask
+    always multiplies the output here (the image keys share the softmax, so an in-softmax gate would also move
+    the image's own attention). Returns `[B, Li, C]` in q's dtype.
     """
     batch, length, width = q.shape
     head_dim = width // heads

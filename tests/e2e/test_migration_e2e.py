@@ -8,8 +8,6 @@ from harness import migration
 from harness.workflows import replace_images, tinyize, write_reference_image
 
 FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures"
-ALWAYS_THERE = ("ApplyXformersIPAdapterAttention", "LoadXformersIPAdapter", "XformersPrepImageForClipVision",
-                "XformersIPAdapterNoise")
 
 
 def _shape(info: dict) -> dict:
@@ -25,14 +23,14 @@ def _shape(info: dict) -> dict:
 def test_the_unit_tests_node_definitions_are_the_servers(comfy_server):
     real = comfy_server.object_info()
     snapshot = json.loads((FIXTURES / "object_info_pack.json").read_text())
-    assert set(ALWAYS_THERE) <= set(real)
-    for node in sorted(set(snapshot) & set(real)):  # nodes of the contract not registered yet are skipped
+    # every node the conversion produces is registered and has the snapshot's inputs and outputs
+    assert set(migration.OUR_NODES) <= set(real) and set(migration.OUR_NODES) <= set(snapshot)
+    for node in migration.OUR_NODES:
         assert _shape(snapshot[node]) == _shape(real[node]), (
             f"{node} changed: regenerate tests/unit/fixtures/object_info_pack.json from /object_info")
     # and the UI conversion with the server's definitions equals the one with the snapshot
     ui = json.loads((FIXTURES / "standard_embeds_ui.json").read_text())
-    if set(migration.OUR_NODES) <= set(real):
-        assert migration.convert(ui, real)[0] == migration.convert(ui, snapshot)[0]
+    assert migration.convert(ui, real)[0] == migration.convert(ui, snapshot)[0]
 
 
 def test_converted_standard_workflow_runs_over_prompt(comfy_server, tiny_models, tmp_path):

@@ -362,7 +362,7 @@ def test_ui_faceid_and_batch_widgets_follow_our_order(info, faceid_batch_ui):
 def test_ui_faceid_and_batch_links(info, faceid_batch_ui):
     out, _ = migration.convert(faceid_batch_ui, info)
     links = {link[0]: link for link in out["links"]}
-    assert migration.convert(faceid_batch_ui, info)[0] == out  # deterministic
+    assert migration.convert(faceid_batch_ui, info)[0] == out  # the first conversion left its input as it was
     problems = check_ui_links(out)
     # node 7 is left as it is: its WEIGHTS_STRATEGY input lost its link; nothing else is inconsistent
     assert problems == [], problems

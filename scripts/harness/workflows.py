@@ -20,14 +20,18 @@ EXAMPLES_DIR = REPO_ROOT / "example_workflows"
 API_DIR = EXAMPLES_DIR / "api"
 
 WORKFLOWS = ("sd15_image_prompt", "sdxl_style_transfer", "two_adapters_regional_masks", "patch_model_attention",
-             "unified_loader_chain", "embeds_round_trip", "style_composition", "animation_batch", "regional_conditioning",
-             "tiled_reference", "flux_xlabs", "faceid")
+             "unified_loader_chain", "embeds_round_trip", "style_composition", "animation_batch",
+             "regional_conditioning", "tiled_reference", "flux_xlabs", "sd35_instantx", "faceid")
 BASIC = "sd15_image_prompt"
 # Examples the e2e test checks (UI <-> API twin, templates, real file names) but does not sample, and why.
 NOT_SAMPLED = {
     "flux_xlabs": "ComfyUI's Flux detection fixes the width at 3072 (24 heads, axes_dim [16, 56, 56]), so no tiny "
                   "Flux loads from a file; the Flux path is sampled by tests/host/test_flux_ipadapter.py on a tiny "
                   "Flux built from ComfyUI's own classes (scripts/harness/tiny_dit.py)",
+    "sd35_instantx": "ComfyUI's MMDiT detection would load a tiny SD3 diffusion model (64 x depth wide; "
+                     "tiny_dit.tiny_sd3 builds one), but the example's other models have no tiny stand-ins: "
+                     "TripleCLIPLoader's clip_g/clip_l/t5xxl (SD3's 4096-wide padded context) and the 16-channel "
+                     "SD3 VAE; the SD3.5 path is sampled by tests/host/test_sd3_ipadapter.py on that tiny SD3",
 }
 # Loaders an example may take its diffusion model from (Flux's flux1-dev.safetensors is a diffusion-model file).
 MODEL_LOADERS = ("CheckpointLoaderSimple", "UNETLoader")

@@ -197,3 +197,25 @@ def test_frame_indices_come_from_the_host_window_else_positions(pack, caplog):
     assert len(messages) == 2
     assert "announced 3 frame indices for a batch of 2" in messages[0]
     assert "passed 4 latents without frame indices while the adapter has 8 frames" in messages[1]
+
+
+def test_rows_and_a_mask_per_frame_follow_the_window(nodes, unet, clip_vision, adapters, images):
+    """One attention call of a window holding frames 3 and 1, cond then uncond rows: K/V rows, weights and
+    the mask batch all come from frames 3 and 1, not from batch positions 0 and 1."""
+    masks = torch.stack([torch.full((16, 16), (i + 1) / 10) for i in range(FRAMES)])
+    weights = [1.0, 0.5, 0.25, 2.0]
+    application = last_application(apply_batch(nodes, unet, adapters["base"], clip_vision, images, weight=weights,
+                                               attn_mask=masks))
+    site = hh.pack_module("nodes.sites").attn2_sites(unet)[0]
+    q = torch.zeros(4, 64, site.heads * site.dim_head)
+    options = {"cond_or_uncond": [0, 1], "original_shape": [4, 4, 8, 8], "activations_shape": [4, 320, 8, 8],
+               "context_window": Window([3, 1])}
+    branch = application.branch(site, q, options)
+    frames = application.kv.get(site.index, torch.device("cpu"), torch.float32)
+    expected_k = torch.cat([frames.k_cond[[3, 1]], frames.k_uncond[[3, 1]]])
+    assert torch.equal(branch.k, expected_k)
+    assert branch.scale.tolist() == [2.0, 0.5, 2.0, 0.5]  # linear weight type: site factor 1
+    torch.testing.assert_close(branch.mask[:, 0], torch.tensor([0.4, 0.2, 0.4, 0.2]))
+    # the same call again is served from the caches: the very same tensors
+    again = application.branch(site, q, {**options, "context_window": Window([3, 1])})
+    assert again.k is branch.k and again.mask is branch.mask

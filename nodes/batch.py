@@ -61,6 +61,7 @@ class ApplyXformersIPAdapterBatch(ValidatesCombos, io.ComfyNode):
                 end_at: float, unfold_batch: bool, encode_batch_size: int, combine_embeds: str,
                 embeds_scaling: str, attention_op=None, attn_mask=None, image_negative=None,
                 layer_weights: str = "") -> io.NodeOutput:
+        check_attn2_family(ipadapter)
         frame_weights = frame_weight_list(weight)
         check_batch_inputs(image, frame_weights, unfold_batch, encode_batch_size)
         target = prepare_target(model, ipadapter, frame_weights[0], start_at, end_at, attention_op, attn_mask)
@@ -86,6 +87,16 @@ class ApplyXformersIPAdapterBatch(ValidatesCombos, io.ComfyNode):
         logger.info("applied %s per frame at %d attn2 sites (%d images, %d weights, %s)",
                     target.ipadapter.describe(), len(target.sites), image.shape[0], len(frame_weights), weight_type)
         return io.NodeOutput(install(target.model, target.sites, application))
+
+
+def check_attn2_family(ipadapter: Any) -> None:
+    """Apply Batch runs the SD1.5/SDXL attn2 path; another family's adapter gets a message naming it."""
+    from .families import APPLY_HANDLERS, family_handler  # families import apply.py's input helpers
+
+    if family_handler(APPLY_HANDLERS, ipadapter) is not None:
+        raise IPAdapterInputError(f"Apply xformers IP-Adapter Batch takes SD1.5 and SDXL IP-Adapters; this one is "
+                                  f"a {type(ipadapter).__name__}: use Apply xformers IP-Adapter Attention (one "
+                                  f"image for every frame) or that family's own node")
 
 
 def frame_weight_list(weight: Any) -> tuple[float, ...]:

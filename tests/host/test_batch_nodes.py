@@ -219,3 +219,11 @@ def test_rows_and_a_mask_per_frame_follow_the_window(nodes, unet, clip_vision, a
     # the same call again is served from the caches: the very same tensors
     again = application.branch(site, q, {**options, "context_window": Window([3, 1])})
     assert again.k is branch.k and again.mask is branch.mask
+
+
+def test_an_adapter_of_another_family_is_named(nodes, unet, clip_vision, images):
+    from xformers_ipadapter.nodes.families import APPLY_HANDLERS
+
+    other_family = next(iter(APPLY_HANDLERS))
+    with pytest.raises(Exception, match=f"takes SD1.5 and SDXL IP-Adapters; this one is a {other_family.__name__}"):
+        apply_batch(nodes, unet, object.__new__(other_family), clip_vision, images)

@@ -1,4 +1,4 @@
-"""Regional IP-Adapter parameters (the XFORMERS_IPADAPTER_PARAMS socket): one region per reference image, each with
+"""Regional IP-Adapter parameters (the XFORMERS_IPADAPTER_PARAMS input type): one region per reference image, each with
 its own weight, weight type, start/end window and mask, applied together by Apply From Params.
 
 Immutable: a params value is a tuple of frozen regions, so combining params never changes the inputs (ComfyUI

@@ -23,6 +23,7 @@ from ..tensor_cache import TensorCache
 from .detection import AdapterInfo, detect_adapter
 from .errors import IPAdapterError
 from .faceid import faceid_lora_from_shapes
+from .families import read_flux_adapter, read_sd3_adapter
 from .weights import _NESTED_ALIASES, _PREFIXES, SAFETENSORS_SUFFIXES, normalize_layout
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,22 @@ def meta_tensors(shapes: Shapes) -> dict[str, torch.Tensor]:
 
 def adapter_from_shapes(shapes: Shapes) -> AdapterInfo:
     """The AdapterInfo that loading the file would give (same rules: detect_adapter on meta tensors)."""
+    tensors = meta_tensors(shapes)
+    _refuse_dit_family(tensors)
     if not any(key.split(".", 1)[0] in _ADAPTER_PARTS for key in shapes):
         raise UnreadableFile("not an IP-Adapter (no image_proj / ip_adapter tensors)")
-    return detect_adapter(normalize_layout(meta_tensors(shapes)))
+    return detect_adapter(normalize_layout(tensors))
+
+
+def _refuse_dit_family(tensors: Mapping[str, torch.Tensor]) -> None:
+    """A Flux or SD3.5 adapter is a real IP-Adapter, only not one a preset (SD1.5/SDXL) can use: say what it is
+    instead of the attn2 detection's layout complaint (FaceID files go on to detect_adapter, which knows them).
+    Both readers build on meta tensors without reading values."""
+    for reader in (read_flux_adapter, read_sd3_adapter):
+        model = reader(tensors, "file")
+        if model is not None:
+            raise UnreadableFile(f"{model.info.describe()}: the presets choose SD1.5/SDXL adapters; load this "
+                                 "one with Load IP-Adapter Model (xformers)")
 
 
 # --- CLIP vision ------------------------------------------------------------------------------------------

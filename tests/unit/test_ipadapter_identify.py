@@ -352,3 +352,22 @@ def test_identification_writes_nothing(folders):
         for path in (root / role).iterdir():
             identifier.identify(path, role)
     assert folder_snapshot(root) == before
+
+
+@pytest.mark.parametrize("family", ["xlabs", "instantx", "sd3"])
+def test_flux_and_sd35_adapters_are_named_not_called_malformed(tmp_path, family):
+    """A DiT adapter in models/ipadapter is a valid file the SD presets cannot use: the scan says what it is and
+    which node loads it, instead of the attn2 detection's layout complaint."""
+    from safetensors.torch import save_file
+
+    from harness.flux_adapters import instantx_tensors, xlabs_tensors
+    from harness.sd3_models import instantx_sd3_state_dict
+
+    tensors = {"xlabs": xlabs_tensors, "instantx": instantx_tensors, "sd3": instantx_sd3_state_dict}[family]()
+    path = tmp_path / "adapter.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    found = identify(path)
+    expected = {"xlabs": "Flux.1 XLabs IP-Adapter", "instantx": "Flux.1 InstantX IP-Adapter",
+                "sd3": "SD3.5 InstantX IP-Adapter"}[family]
+    assert found.info is None
+    assert found.problem.startswith(expected) and "Load IP-Adapter Model" in found.problem, found.problem

@@ -10,7 +10,7 @@ Inside a call the patch copies `transformer_options` and installs an `optimized_
 goes through the closure, which records the query the block attends with (`BlockCall`) and lets each adapter
 add to the attention output (before the block's output projection), and after the block each adapter may add
 to the block's output. The block's modules, methods and forward are never touched. See docs/architecture.md
-and the notes for family engineers in the docs (dit_api).
+("Flux (and other DiTs)").
 """
 
 from __future__ import annotations

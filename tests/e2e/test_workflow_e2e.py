@@ -92,7 +92,9 @@ def test_object_info_matches_the_contract(comfy_server):
     assert required["embeds_scaling"][1]["options"] == ["V only", "K+V", "K+V w/ C penalty",
                                                         "K+mean(V) w/ C penalty"]
     assert {k: v[0] for k, v in optional.items()} == {"attention_op": "ATTENTION_OP", "attn_mask": "MASK",
-                                                      "image_negative": "IMAGE", "layer_weights": "STRING"}
+                                                      "image_negative": "IMAGE", "layer_weights": "STRING",
+                                                      "enhance_tiles": "INT"}
+    assert optional["enhance_tiles"][1]["default"] == 1  # 1 = off: a saved workflow without it runs as before
 
     patch = info["PatchXformersModelAttention"]
     assert patch["display_name"] == "Patch Model Attention (xformers)" and patch["output"] == ["MODEL"]

@@ -199,16 +199,21 @@ def apply_tokens(target: Target, tokens: ImageTokens, weight: float, weight_type
                  layer_weights: str = ""):
     """Apply and Apply Embeds past their inputs: per-block weights (weight type or layer_weights), one
     application, installed at every site. Returns the patched clone."""
+    weights = site_weights(target, weight, weight_type, layer_weights)
+    patched = install_application(target, tokens, weights, embeds_scaling)
+    logger.info("applied %s at %d attn2 sites (weight %s, %s%s)", target.ipadapter.describe(), len(target.sites),
+                weight, weight_type, ", layer_weights " + layer_weights.strip() if layer_weights.strip() else "")
+    return patched
+
+
+def site_weights(target: Target, weight: float, weight_type: str, layer_weights: str) -> list[BlockWeight]:
+    """Each site's weight (and precise-mode swap): the weight type's curve, or `layer_weights` where given."""
     if not isinstance(layer_weights, str):
         raise TypeError(f"layer_weights must be a string 'index:weight, ...'; got {type(layer_weights).__name__}")
     layers = transformer_count(target.model)
     overrides = parse_layer_weights(layer_weights, layers)
-    weights = [block_weight(weight_type, weight, s.transformer_index, layers, s.block, target.sdxl, overrides)
-               for s in target.sites]
-    patched = install_application(target, tokens, weights, embeds_scaling)
-    logger.info("applied %s at %d attn2 sites (weight %s, %s%s)", target.ipadapter.describe(), len(target.sites),
-                weight, weight_type, ", layer_weights " + layer_weights.strip() if overrides else "")
-    return patched
+    return [block_weight(weight_type, weight, s.transformer_index, layers, s.block, target.sdxl, overrides)
+            for s in target.sites]
 
 
 def install_application(target: Target, tokens: ImageTokens, weights: list[BlockWeight], embeds_scaling: str,

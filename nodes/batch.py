@@ -11,12 +11,11 @@ from comfy_api.latest import io
 
 from ..processors.ipadapter import IPAdapterInputError, image_tokens
 from ..processors.ipadapter.frames import FrameKVCache, check_frame_weights
-from ..processors.weight_types import block_weight, parse_layer_weights
 from .apply import (apply_tokens, attention_op_input, attn_mask_input, clip_vision_input, combine_input,
                     embeds_scaling_input, image_negative_input, install, ipadapter_input, layer_weights_input,
-                    model_input, model_output, prepare_target, weight_input, weight_type_input, window_inputs)
+                    model_input, model_output, prepare_target, site_weights, weight_input, weight_type_input,
+                    window_inputs)
 from .patch import AdapterApplication
-from .sites import transformer_count
 from .types import CATEGORY
 from .validation import ValidatesCombos
 
@@ -74,12 +73,7 @@ class ApplyXformersIPAdapterBatch(ValidatesCombos, io.ComfyNode):
             return io.NodeOutput(apply_tokens(target, tokens, frame_weights[0], weight_type, embeds_scaling,
                                               layer_weights))
         tokens = image_tokens(ipadapter, encode, image, image_negative, "concat")  # one image per frame
-        if not isinstance(layer_weights, str):
-            raise TypeError(f"layer_weights must be a string 'index:weight, ...'; got {type(layer_weights).__name__}")
-        layers = transformer_count(target.model)
-        overrides = parse_layer_weights(layer_weights, layers)
-        per_site = [block_weight(weight_type, 1.0, s.transformer_index, layers, s.block, target.sdxl, overrides)
-                    for s in target.sites]
+        per_site = site_weights(target, 1.0, weight_type, layer_weights)
         application = AdapterApplication(
             kv=FrameKVCache(target.ipadapter, tokens, [w.weight for w in per_site], frame_weights, embeds_scaling),
             swaps=tuple(w.swap for w in per_site), sigma_window=target.sigma_window, mask=target.mask,

@@ -21,6 +21,7 @@ from comfy.patcher_extension import CallbacksMP
 from ..processors.backends import AttentionOpConfig
 from ..processors.ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 from ..processors.ipadapter import AdapterKVCache
+from ..processors.ipadapter.kv_cache import rows_for_chunks
 from ..processors.masks import mask_to_tokens
 from ..processors.step_window import ALWAYS, active_in_window
 from ..processors.tensor_cache import TensorCache
@@ -130,11 +131,7 @@ class AdapterApplication:
             scale = torch.tensor([entry.out_scale if n else 0.0 for n in negative], device=device,
                                  dtype=dtype).repeat_interleave(per_chunk)
             return entry.k_cond, entry.v_cond, scale
-        if all(negative) or not any(negative):
-            k, v = (entry.k_uncond, entry.v_uncond) if negative[0] else (entry.k_cond, entry.v_cond)
-            return k, v, entry.out_scale
-        k = torch.cat([(entry.k_uncond if n else entry.k_cond).expand(per_chunk, -1, -1) for n in negative])
-        v = torch.cat([(entry.v_uncond if n else entry.v_cond).expand(per_chunk, -1, -1) for n in negative])
+        k, v = rows_for_chunks((entry.k_cond, entry.v_cond), (entry.k_uncond, entry.v_uncond), chunks, batch)
         return k, v, entry.out_scale
 
     def _row_mask(self, q: torch.Tensor, extra_options: dict, dtype: torch.dtype,

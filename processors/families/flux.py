@@ -29,6 +29,7 @@ from torch import nn
 
 from ..ip_attention import IPBranch, XFormersIPAdapterAttnProcessor
 from ..ipadapter.errors import IPAdapterFileError, IPAdapterInputError, IPAdapterMismatchError
+from ..ipadapter.kv_cache import rows_for_chunks
 from ..step_window import ALWAYS, active_in_window
 from ..tensor_cache import TensorCache
 from .dit import DOUBLE, DitBlock, block_sequence, latent_grid, mask_rows
@@ -406,14 +407,8 @@ class FluxApplication:
 
     def _assemble(self, position: int, device: torch.device, dtype: torch.dtype, chunks: tuple, batch: int):
         """K/V per batch row: chunk c of `cond_or_uncond` gets the negative image's K/V when c == 1."""
-        (kc, vc), (ku, vu) = self._block_kv(position, device, dtype)
-        negative = [c == 1 for c in chunks]
-        if all(negative) or not any(negative):
-            return (ku, vu) if negative[0] else (kc, vc)
-        per_chunk = batch // len(chunks)
-        k = torch.cat([(ku if n else kc).expand(per_chunk, -1, -1) for n in negative])
-        v = torch.cat([(vu if n else vc).expand(per_chunk, -1, -1) for n in negative])
-        return k, v
+        cond, uncond = self._block_kv(position, device, dtype)
+        return rows_for_chunks(cond, uncond, chunks, batch)
 
     def _row_mask(self, options: dict, batch: int, length: int, lead: int, chunks: int, device: torch.device,
                   dtype: torch.dtype) -> Optional[torch.Tensor]:

@@ -120,3 +120,16 @@ def site_kv(model: IPAdapterModel, i: int, token_sets: Sequence[torch.Tensor], w
         k, v, scale = scale_kv(F.linear(x, wk), F.linear(x, wv), weight, embeds_scaling, tokens_per_image)
         rows.append((k.to(dtype), v.to(dtype)))
     return (*rows, scale)
+
+
+def rows_for_chunks(cond: tuple[torch.Tensor, torch.Tensor], uncond: tuple[torch.Tensor, torch.Tensor],
+                    chunks: Sequence[int], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image K/V per batch row for a `cond_or_uncond` layout: chunk c gets the negative image's (uncond) pair
+    when c == 1, the positive's otherwise. A batch of one kind gets that `[1, T, C]` pair itself (the engine
+    broadcasts it); mixed batches one row per latent. Shared by the attn2 and DiT applications."""
+    negative = [c == 1 for c in chunks]
+    if all(negative) or not any(negative):
+        return uncond if negative[0] else cond
+    per_chunk = batch // len(chunks)
+    k, v = (torch.cat([(u if n else c).expand(per_chunk, -1, -1) for n in negative]) for c, u in zip(cond, uncond))
+    return k, v

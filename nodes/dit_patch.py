@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-from ..processors.families.dit import DOUBLE, LATENT_SHAPE_KEY, SINGLE, DitBlock, block_sequence  # noqa: F401
+from ..processors.families.dit import LATENT_SHAPE_KEY, DitBlock
 from ..processors.families.rope import undo_rope
 from .patch import MODEL_OP_KEY, moved
 

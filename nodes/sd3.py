@@ -21,7 +21,7 @@ import torch
 
 from ..processors import planner
 from ..processors.backends import AttentionOpConfig
-from ..processors.families.dit import latent_grid, mask_rows, match_count, sequence_weights
+from ..processors.families.dit import DOUBLE, DitBlock, latent_grid, mask_rows, match_count, sequence_weights
 from ..processors.families.sd3 import (ENCODER_OUTPUT, JointBranch, SD3IPAdapter, StepTokens, block_image_kv,
                                        joint_image_attention, renorm_obstacle)
 from ..processors.ipadapter.embeds import AdapterEmbeds, mask_clip_input, weighted
@@ -32,7 +32,7 @@ from ..processors.masks import check_mask
 from ..processors.step_window import active_in_window
 from ..processors.tensor_cache import TensorCache
 from .apply import _sigma_window
-from .dit_patch import DOUBLE, BlockCall, DitBlock, install_dit, record_latent_shape
+from .dit_patch import BlockCall, install_dit, record_latent_shape
 from .flux import adapter_patcher
 from .patch import processor_for
 from .planning import compute_dtype, start_run_log

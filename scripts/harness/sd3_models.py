@@ -109,7 +109,7 @@ class HostLikeProcessor:
         self.branch, self.attend = branch, attend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
-        batch, heads = hidden_states.shape[0], attn.heads
+        heads = attn.heads
 
         def project(x, to_q, to_k, to_v, norm_q, norm_k):
             q, k, v = (layer(x).unflatten(-1, (heads, -1)) for layer in (to_q, to_k, to_v))

@@ -149,7 +149,7 @@ def test_xlabs_double_block_equals_diffusers(tiny, inputs, tokens):
     reference = diffusers_block(tiny.patcher.model.diffusion_model.double_blocks[0])
     processor = FluxIPAdapterAttnProcessor(hidden_size=WIDTH, cross_attention_dim=CONTEXT, num_tokens=(tokens,),
                                            scale=weight)
-    processor.load_state_dict({"to_k_ip.0.weight": tensors[f"double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"],
+    processor.load_state_dict({"to_k_ip.0.weight": tensors["double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"],
                                "to_k_ip.0.bias": tensors["double_blocks.0.processor.ip_adapter_double_stream_k_proj.bias"],
                                "to_v_ip.0.weight": tensors["double_blocks.0.processor.ip_adapter_double_stream_v_proj.weight"],
                                "to_v_ip.0.bias": tensors["double_blocks.0.processor.ip_adapter_double_stream_v_proj.bias"]})
